@@ -1,0 +1,19 @@
+"""MaskFormer, Swin-S (ImageNet-1k, 224).
+
+ADE20K-150 semantic segmentation, 512x512 crops, 160k steps at batch 16.
+
+Train:
+  python scripts/train.py --config=configs/ade20k_swin_small.py --workdir=/tmp/ade20k_swin_small
+
+Multi-scale + flip evaluation (the second number):
+  python scripts/evaluate.py --config=configs/ade20k_swin_small.py --workdir=/tmp/ade20k_swin_small --config.test.aug.enabled=True
+
+Expected: ADE20K-150 val mIoU 49.8 single-scale / 51.0 multi-scale + flip (paper Table 1; zoo model_final_528157.pkl).
+Original: facebookresearch/MaskFormer configs/ade20k-150/swin/maskformer_swin_small_bs16_160k.yaml
+"""
+
+from configs import common
+
+
+def get_config():
+  return common.ade20k_config(common.swin_backbone('small'))

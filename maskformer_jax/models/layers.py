@@ -1,0 +1,158 @@
+"""Building blocks shared by the backbones and heads.
+
+All tensors are channels-last (`[B, H, W, C]`). Every norm uses PyTorch's epsilon (1e-5) because the reference
+weights were trained with it; Flax's own default (1e-6) would shift outputs measurably.
+"""
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORM_EPS = 1e-5
+
+# Detectron2 initialisers: c2_xavier_fill (Kaiming-uniform, a=1) for head convs, c2_msra_fill for ResNet convs.
+c2_xavier_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
+c2_msra_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  """A LayerNorm with PyTorch's epsilon."""
+  return nn.LayerNorm(epsilon=NORM_EPS, name=name)
+
+
+def group_norm(num_groups: int) -> Callable[..., nn.Module]:
+  """A GroupNorm factory with PyTorch's epsilon, for `Conv2d(norm=...)`."""
+
+  def make(name: str) -> nn.Module:
+    return nn.GroupNorm(num_groups=num_groups, epsilon=NORM_EPS, name=name)
+
+  return make
+
+
+class FrozenBatchNorm(nn.Module):
+  """Batch norm with fixed statistics and affine transform (Detectron2's `FrozenBatchNorm2d`).
+
+  `scale`/`bias` live in `params` (so parameter counts match PyTorch's, where they are BN weights) and
+  `mean`/`var` in `batch_stats`; no gradient reaches any of them, as in the reference where all four are
+  constant buffers.
+  """
+
+  eps: float = NORM_EPS
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,))
+    bias = self.param("bias", nn.initializers.zeros, (channels,))
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,)).value
+    var = self.variable("batch_stats", "var", jnp.ones, (channels,)).value
+    multiplier = jax.lax.stop_gradient(scale * jax.lax.rsqrt(var + self.eps))
+    offset = jax.lax.stop_gradient(bias - mean * multiplier)
+    return x * multiplier + offset
+
+
+def frozen_batch_norm(name: str) -> nn.Module:
+  return FrozenBatchNorm(name=name)
+
+
+class Conv2d(nn.Module):
+  """Convolution with PyTorch's symmetric padding, then an optional norm and activation (Detectron2's `Conv2d`).
+
+  Parameters are `kernel` `[kh, kw, C_in, C_out]`, `bias` `[C_out]` and the norm under the name `norm`, mirroring
+  the reference's `conv.weight` / `conv.bias` / `conv.norm.*` keys.
+
+  Input `[B, H, W, C_in]`, output `[B, H', W', C_out]` with `H' = (H + 2 * (k // 2) - k) // stride + 1`.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = True
+  norm: Optional[Callable[[str], nn.Module]] = None
+  activation: Optional[Callable[[jax.Array], jax.Array]] = None
+  kernel_init: Callable = c2_xavier_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+    pad = k // 2
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
+    if self.norm is not None:
+      y = self.norm("norm")(y)
+    if self.activation is not None:
+      y = self.activation(y)
+    return y
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: zeroes whole samples with probability `rate` and rescales the rest (timm's `drop_path`).
+
+  Draws from the `dropout` RNG stream; the identity when `deterministic`.
+  """
+
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0)
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+  """Zero-pads `[B, H, W, C]` at the bottom and right so that H and W are multiples of `multiple`."""
+  pad_h = -x.shape[1] % multiple
+  pad_w = -x.shape[2] % multiple
+  if pad_h == 0 and pad_w == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+
+
+def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+  """Source indices of PyTorch's legacy `nearest` resize: `floor(i * in / out)` in float32, clipped."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int32), in_size - 1)
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Resizes `[B, H, W, ...]` to `[B, *size, ...]` with PyTorch's `F.interpolate(mode="nearest")` rule."""
+  rows = nearest_indices(x.shape[1], size[0])
+  cols = nearest_indices(x.shape[2], size[1])
+  return x[:, rows][:, :, cols]
+
+
+def sine_position_encoding(height: int, width: int, num_pos_feats: int, temperature: float = 10000.0
+                           ) -> np.ndarray:
+  """DETR's normalised sine positional encoding for an unpadded `[height, width]` grid.
+
+  Row and column indices 1..H and 1..W are divided by their last value (+1e-6) and scaled by 2*pi; channel pair
+  (2i, 2i+1) holds sin/cos at frequency temperature^(2i / num_pos_feats). The y half comes first. Computed in
+  float32 like the reference, on the host: shapes are static, so under `jit` this is a constant.
+
+  Returns:
+    `[height, width, 2 * num_pos_feats]` float32.
+  """
+  eps, scale = np.float32(1e-6), np.float32(2 * np.pi)
+  y_embed = np.arange(1, height + 1, dtype=np.float32)
+  x_embed = np.arange(1, width + 1, dtype=np.float32)
+  y_embed = y_embed / (y_embed[-1] + eps) * scale
+  x_embed = x_embed / (x_embed[-1] + eps) * scale
+  dim_t = np.arange(num_pos_feats, dtype=np.float32)
+  dim_t = np.float32(temperature) ** (2 * np.floor(dim_t / 2) / np.float32(num_pos_feats))
+
+  def encode(embed: np.ndarray) -> np.ndarray:
+    pos = embed[:, None] / dim_t  # [N, F]
+    return np.stack([np.sin(pos[:, 0::2]), np.cos(pos[:, 1::2])], axis=2).reshape(len(embed), -1)
+
+  pos_y = np.broadcast_to(encode(y_embed)[:, None, :], (height, width, num_pos_feats))
+  pos_x = np.broadcast_to(encode(x_embed)[None, :, :], (height, width, num_pos_feats))
+  return np.concatenate([pos_y, pos_x], axis=-1).astype(np.float32)

@@ -1,0 +1,54 @@
+"""MaskFormer: backbone -> pixel decoder -> transformer predictor -> per-query classes and masks."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from maskformer_jax.models.pixel_decoder import PixelDecoder
+from maskformer_jax.models.transformer import TransformerPredictor
+
+# Every backbone downsamples by 32 and the FPN doubles sizes exactly, so inputs must be multiples of 32.
+SIZE_DIVISIBILITY = 32
+
+
+def check_images(images) -> None:
+  """Raises a ValueError that names the problem and the fix if `images` is not a valid model input."""
+  shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
+  if shape is None or len(shape) != 4 or shape[-1] != 3:
+    raise ValueError(f"MaskFormer expects images of shape [B, H, W, 3] (channels last); got shape {shape}. "
+                     "Transpose NCHW inputs with x.transpose(0, 2, 3, 1).")
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"MaskFormer expects float images normalised with the reference mean/std (0..255 scale); got "
+                     f"dtype {dtype}. Use maskformer_jax.models.normalize_images(images).")
+  if shape[1] % SIZE_DIVISIBILITY or shape[2] % SIZE_DIVISIBILITY:
+    raise ValueError(f"Image height and width must be multiples of {SIZE_DIVISIBILITY}; got {shape[1]}x{shape[2]}. "
+                     "Pad bottom/right with zeros after normalisation, as the reference does.")
+
+
+class MaskFormer(nn.Module):
+  """The full model.
+
+  `model.apply(variables, images, train=False)` with images float32 `[B, H, W, 3]`, normalised with the reference
+  mean/std, H and W multiples of 32. With `train=True` pass `rngs={"dropout": key}` (dropout and drop path).
+
+  Returns a dict with `pred_logits` `[B, Q, K+1]`, `pred_masks` `[B, Q, H/4, W/4]` (mask logits at stride 4) and
+  `aux_outputs`: a list of L-1 dicts of the same two entries for decoder layers 1..L-1 (empty when
+  `deep_supervision` is off; unused outputs cost nothing under `jit`).
+  """
+
+  backbone: nn.Module
+  pixel_decoder: PixelDecoder
+  predictor: TransformerPredictor
+  in_feature: str = "res5"
+  deep_supervision: bool = True
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> dict:
+    check_images(images)
+    features = self.backbone(images, train=train)
+    mask_features, encoder_memory = self.pixel_decoder(features, train=train)
+    memory = features["res5"] if self.in_feature == "res5" else encoder_memory
+    pred_logits, pred_masks = self.predictor(memory, mask_features, train=train)
+    aux = []
+    if self.deep_supervision:
+      aux = [{"pred_logits": pred_logits[i], "pred_masks": pred_masks[i]} for i in range(len(pred_logits) - 1)]
+    return {"pred_logits": pred_logits[-1], "pred_masks": pred_masks[-1], "aux_outputs": aux}
