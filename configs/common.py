@@ -22,9 +22,10 @@ import math
 
 import ml_collections
 
-# The model schema lives in the package so that checkpoint converters build the same configs.
-from maskformer_jax.models.config import (fpn_pixel_decoder, model_config, resnet_backbone, swin_backbone,
-                                          transformer_encoder_pixel_decoder)
+# The model schema lives in the package so that checkpoint converters build the same configs; the config files
+# reach these helpers as `common.resnet_backbone(50)` etc.
+from maskformer_jax.models.config import (fpn_pixel_decoder, model_config, resnet_backbone,  # noqa: F401
+                                          swin_backbone, transformer_encoder_pixel_decoder)
 
 ConfigDict = ml_collections.ConfigDict
 

@@ -8,14 +8,12 @@ Our parameter tree mirrors the Detectron2 key names, so the mapping is mechanica
 import re
 from typing import Mapping, Optional
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
 from maskformer_jax.convert.safe_pickle import load_detectron2_pickle
-from maskformer_jax.models import build_model
+from maskformer_jax.models import abstract_variables
 from maskformer_jax.models import config as model_configs
 
 # Buffers that are derived, not learned: recomputed by our code, so never copied.
@@ -111,12 +109,6 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray]) -> ml_collections.C
       dim_feedforward=int(sd["sem_seg_head.predictor.transformer.decoder.layers.0.linear1.weight"].shape[0]))
 
 
-def abstract_variables(model_config: ml_collections.ConfigDict):
-  """Shapes and dtypes of the model's variables (no computation)."""
-  model = build_model(model_config)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)))
-
-
 def d2_to_variables(state_dict: Mapping[str, np.ndarray], model_config: ml_collections.ConfigDict) -> dict:
   """Maps a Detectron2 state dict (either spelling) onto the variables of `build_model(model_config)`.
 
@@ -124,7 +116,7 @@ def d2_to_variables(state_dict: Mapping[str, np.ndarray], model_config: ml_colle
   buffers aside); otherwise a ValueError lists what is missing, mismatched or left over.
   """
   state_dict = normalize_d2_keys(state_dict)
-  target = traverse_util.flatten_dict(jax.tree.map(lambda x: x, abstract_variables(model_config)))
+  target = traverse_util.flatten_dict(abstract_variables(model_config))
   flat, missing, mismatched, used = {}, [], [], set()
   for (collection, *path), spec in target.items():
     key = d2_key(tuple(path))

@@ -1,4 +1,6 @@
 """MaskFormer models: `build_model(config.model)` is the one entry point."""
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -80,4 +82,16 @@ def build_model(model_config: ml_collections.ConfigDict) -> MaskFormer:
                     deep_supervision=model_config.deep_supervision)
 
 
-__all__ = ["build_model", "config", "MaskFormer", "normalize_images", "PIXEL_MEAN", "PIXEL_STD", "SIZE_DIVISIBILITY"]
+def init_variables(model: MaskFormer, rng: jax.Array) -> dict:
+  """Randomly initialised variables (`params` and the frozen-BN `batch_stats`); they do not depend on image size,
+  so a small dummy input keeps initialisation cheap."""
+  return model.init(rng, jnp.zeros((1, 64, 64, 3), jnp.float32))
+
+
+def abstract_variables(model_config: ml_collections.ConfigDict) -> dict:
+  """Shapes and dtypes (`jax.ShapeDtypeStruct`) of the model's variables, computed without any FLOPs."""
+  model = build_model(model_config)
+  return jax.eval_shape(lambda: init_variables(model, jax.random.key(0)))
+
+
+__all__ = ["abstract_variables", "init_variables", "build_model", "config", "MaskFormer", "normalize_images", "PIXEL_MEAN", "PIXEL_STD", "SIZE_DIVISIBILITY"]

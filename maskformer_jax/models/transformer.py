@@ -5,7 +5,6 @@ with PyTorch `nn.MultiheadAttention` semantics (fused in-projection), positions 
 never to values, post-norm residual blocks, one shared decoder LayerNorm producing every layer's output.
 Sequences are `[B, L, C]`.
 """
-from typing import Optional
 
 import flax.linen as nn
 import jax

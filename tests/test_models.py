@@ -1,0 +1,176 @@
+"""The Flax model against transformers' PyTorch MaskFormer (random weights, built offline), and its contract."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from configs import ade20k_r50, ade20k_swin_tiny, coco_panoptic_r50
+from hf_reference import hf_outputs, make_hf_model
+from maskformer_jax.convert import load_hf_checkpoint
+from maskformer_jax.models import abstract_variables, build_model, init_variables, normalize_images
+
+TOLERANCE = 1e-4  # absolute, on logits of magnitude ~10
+SHAPES = [(1, 64, 64), (2, 160, 96)]  # one square, one not (Swin windows partly padded at every stage)
+
+
+def _forward(model_config, variables, images):
+  model = build_model(model_config)
+  return jax.device_get(jax.jit(lambda v, x: model.apply(v, x))(variables, images))
+
+
+def assert_outputs_close(ours: dict, theirs: dict, num_aux: int = 5):
+  for key in ("pred_logits", "pred_masks"):
+    np.testing.assert_allclose(ours[key], theirs[key], atol=TOLERANCE, rtol=0, err_msg=key)
+  assert len(ours["aux_outputs"]) == len(theirs["aux_outputs"]) == num_aux
+  for i, (a, b) in enumerate(zip(ours["aux_outputs"], theirs["aux_outputs"])):
+    for key in ("pred_logits", "pred_masks"):
+      np.testing.assert_allclose(a[key], b[key], atol=TOLERANCE, rtol=0, err_msg=f"aux {i} {key}")
+
+
+@pytest.mark.parametrize("batch,height,width", SHAPES)
+def test_outputs_equal_transformers(hf_checkpoint, batch, height, width):
+  _, hf_model, path = hf_checkpoint
+  model_config, variables = load_hf_checkpoint(path)
+  images = np.random.default_rng(height).standard_normal((batch, height, width, 3)).astype(np.float32)
+  ours = _forward(model_config, variables, images)
+  assert ours["pred_logits"].shape == (batch, 100, 151)
+  assert ours["pred_masks"].shape == (batch, 100, height // 4, width // 4)
+  # The reference outputs differ across queries and pixels: the comparison is not between near-constants.
+  assert ours["pred_masks"].std() > 1.0
+  assert_outputs_close(ours, hf_outputs(hf_model, images))
+
+
+def test_v5_names_and_pytorch_bin_give_the_same_variables(hf_checkpoint, tmp_path):
+  """transformers v5 renames out_proj -> o_proj and fc1 -> mlp.fc1 in memory; the Hub keeps v4 names. Both load,
+  from safetensors and from a weights-only pytorch_model.bin."""
+  _, hf_model, path = hf_checkpoint
+  _, reference = load_hf_checkpoint(path)
+  state_dict = hf_model.state_dict()
+  assert any(".o_proj." in k for k in state_dict) and any(".mlp.fc1." in k for k in state_dict)
+  v5_dir, bin_dir = tmp_path / "v5", tmp_path / "bin"
+  for d in (v5_dir, bin_dir):
+    d.mkdir()
+    (d / "config.json").write_text((path / "config.json").read_text())
+  save_file({k: v.contiguous().numpy() for k, v in state_dict.items()}, str(v5_dir / "model.safetensors"))
+  torch.save(state_dict, bin_dir / "pytorch_model.bin")
+  for directory in (v5_dir, bin_dir):
+    _, variables = load_hf_checkpoint(directory)
+    jax.tree.map(np.testing.assert_array_equal, variables, reference)
+
+
+def test_parameter_counts_equal_transformers():
+  """ADE20K-150 R50: 41,307,863 as in transformers. Swin-T: transformers counts 41,758,545, which includes the final
+  LayerNorm of its Swin model (768 x 2) that MaskFormer never applies and the original D2SwinTransformer lacks."""
+  counts = {}
+  for name, module in (("r50", ade20k_r50), ("swin_t", ade20k_swin_tiny)):
+    params = abstract_variables(module.get_config().model)["params"]
+    counts[name] = sum(x.size for x in jax.tree.leaves(params))
+  assert counts["r50"] == 41_307_863
+  assert counts["swin_t"] == 41_758_545 - 2 * 768
+  hf_swin = make_hf_model("swin_tiny")
+  unused = hf_swin.model.pixel_level_module.encoder.model.layernorm
+  hf_used = sum(p.numel() for p in hf_swin.parameters()) - sum(p.numel() for p in unused.parameters())
+  assert counts["swin_t"] == hf_used
+
+
+def test_ade20k_r50_runs_512_under_jit():
+  config = ade20k_r50.get_config().model
+  model = build_model(config)
+  variables = init_variables(model, jax.random.key(0))
+  images = jnp.asarray(normalize_images(np.full((1, 512, 512, 3), 128, np.uint8)))
+  out = jax.jit(lambda v, x: model.apply(v, x))(variables, images)
+  assert out["pred_logits"].shape == (1, 100, 151)
+  assert out["pred_masks"].shape == (1, 100, 128, 128)
+  assert len(out["aux_outputs"]) == 5
+  assert all(a["pred_masks"].shape == (1, 100, 128, 128) for a in out["aux_outputs"])
+  assert np.isfinite(np.asarray(out["pred_masks"])).all()
+
+
+def test_train_mode_uses_dropout_rng():
+  config = ade20k_swin_tiny.get_config().model
+  model = build_model(config)
+  variables = init_variables(model, jax.random.key(0))
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64, 64, 3)), jnp.float32)
+  apply = jax.jit(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key})["pred_logits"])
+  eval_out = jax.jit(lambda v, x: model.apply(v, x)["pred_logits"])(variables, images)
+  a, b = apply(variables, images, jax.random.key(1)), apply(variables, images, jax.random.key(2))
+  np.testing.assert_array_equal(a, apply(variables, images, jax.random.key(1)))  # same key, same result
+  assert not np.allclose(a, b) and not np.allclose(a, eval_out)
+  with pytest.raises(Exception, match="dropout"):
+    model.apply(variables, images, train=True)  # no RNG given
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((1, 64, 60, 3), np.float32), "multiples of 32"),
+    (np.zeros((1, 3, 64, 64), np.float32), r"\[B, H, W, 3\]"),
+    (np.zeros((64, 64, 3), np.float32), r"\[B, H, W, 3\]"),
+    (np.zeros((1, 64, 64, 3), np.uint8), "float"),
+])
+def test_bad_images_are_refused_clearly(images, message):
+  config = ade20k_r50.get_config().model
+  model = build_model(config)
+  variables = abstract_variables(config)
+  with pytest.raises(ValueError, match=message):
+    jax.eval_shape(lambda v: model.apply(v, images), variables)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("backbone.name", "vit", "model.backbone.name"),
+    ("backbone.window_size", 7, "unknown field"),
+    ("backbone.depth", 34, "50 or 101"),
+    ("pixel_decoder.name", "msdeform", "model.pixel_decoder.name"),
+    ("transformer.in_feature", "transformer_encoder", "needs model.pixel_decoder.name"),
+    ("transformer.in_feature", "res4", "in_feature"),
+])
+def test_bad_model_configs_are_refused_clearly(path, value, message):
+  config = ade20k_r50.get_config().model
+  config.unlock()
+  parent = config
+  *parents, leaf = path.split(".")
+  for p in parents:
+    parent = parent[p]
+  parent[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    build_model(config)
+
+
+def test_transformer_encoder_pixel_decoder_equals_torch_encoder():
+  """The "+6 Enc" pixel decoder (COCO R50/R101) has no transformers counterpart: compare its encoder path with
+  torch's own post-norm `nn.TransformerEncoderLayer` (ReLU, no final norm) fed the same weights."""
+  config = coco_panoptic_r50.get_config().model
+  model = build_model(config)
+  variables = init_variables(model, jax.random.key(0))
+  pd_params = variables["params"]["pixel_decoder"]
+  rng = np.random.default_rng(0)
+  features = {f"res{i}": jnp.asarray(rng.standard_normal((1, 64 // 2 ** (i - 2), 96 // 2 ** (i - 2), c)),
+                                     jnp.float32)
+              for i, c in zip(range(2, 6), (256, 512, 1024, 2048))}
+  _, memory = jax.jit(lambda v, f: model.pixel_decoder.apply(v, f))({"params": pd_params}, features)
+
+  # Reference: 1x1 input projection, flatten, sine positions added to q and k in every layer.
+  from maskformer_jax.models.layers import sine_position_encoding  # the encoding itself is checked via parity
+  res5 = torch.from_numpy(np.array(features["res5"]))
+  kernel = torch.from_numpy(np.array(pd_params["input_proj"]["kernel"]))[0, 0]  # [C_in, C_out]
+  src = res5.reshape(1, -1, 2048) @ kernel + torch.from_numpy(np.array(pd_params["input_proj"]["bias"]))
+  pos = torch.from_numpy(sine_position_encoding(8, 12, 128).reshape(1, 96, 256))  # res5 is 8x12
+  for i in range(6):
+    p = jax.tree.map(lambda x: torch.from_numpy(np.array(x)), pd_params["encoder"][f"layers_{i}"])
+    layer = torch.nn.TransformerEncoderLayer(256, 8, 2048, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+      layer.self_attn.in_proj_weight.copy_(p["self_attn"]["in_proj_kernel"].T)
+      layer.self_attn.in_proj_bias.copy_(p["self_attn"]["in_proj_bias"])
+      layer.self_attn.out_proj.weight.copy_(p["self_attn"]["out_proj"]["kernel"].T)
+      layer.self_attn.out_proj.bias.copy_(p["self_attn"]["out_proj"]["bias"])
+      for ours, theirs in (("linear1", layer.linear1), ("linear2", layer.linear2)):
+        theirs.weight.copy_(p[ours]["kernel"].T)
+        theirs.bias.copy_(p[ours]["bias"])
+      for ours, theirs in (("norm1", layer.norm1), ("norm2", layer.norm2)):
+        theirs.weight.copy_(p[ours]["scale"])
+        theirs.bias.copy_(p[ours]["bias"])
+      # torch's layer adds no positions; the DETR layer adds them to q and k only, so run attention by hand.
+      attn, _ = layer.self_attn(src + pos, src + pos, src, need_weights=False)
+      src = layer.norm1(src + attn)
+      src = layer.norm2(src + layer.linear2(torch.relu(layer.linear1(src))))
+  np.testing.assert_allclose(np.asarray(memory).reshape(1, 96, 256), src.numpy(), atol=TOLERANCE)
