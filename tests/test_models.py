@@ -39,7 +39,12 @@ def test_outputs_equal_transformers(hf_checkpoint, batch, height, width):
   assert ours["pred_masks"].shape == (batch, 100, height // 4, width // 4)
   # The reference outputs differ across queries and pixels: the comparison is not between near-constants.
   assert ours["pred_masks"].std() > 1.0
-  assert_outputs_close(ours, hf_outputs(hf_model, images))
+  theirs = hf_outputs(hf_model, images)
+  assert_outputs_close(ours, theirs)
+  # Inference path: no auxiliary outputs, the mask projection folded into a per-query conv.
+  model = build_model(model_config)
+  final = jax.device_get(jax.jit(lambda v, x: model.apply(v, x, aux_outputs=False))(variables, images))
+  assert_outputs_close(final, {**theirs, "aux_outputs": []}, num_aux=0)
 
 
 def test_v5_names_and_pytorch_bin_give_the_same_variables(hf_checkpoint, tmp_path):

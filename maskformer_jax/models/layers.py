@@ -25,36 +25,54 @@ def layer_norm(name: str) -> nn.LayerNorm:
 def group_norm(num_groups: int) -> Callable[..., nn.Module]:
   """A GroupNorm factory with PyTorch's epsilon, for `Conv2d(norm=...)`."""
 
-  def make(name: str) -> nn.Module:
+  def make(features: int, name: str) -> nn.Module:
+    del features  # GroupNorm infers it
     return nn.GroupNorm(num_groups=num_groups, epsilon=NORM_EPS, name=name)
 
   return make
 
 
 class FrozenBatchNorm(nn.Module):
-  """Batch norm with fixed statistics and affine transform (Detectron2's `FrozenBatchNorm2d`).
+  """Batch norm with fixed statistics and affine transform (Detectron2's `FrozenBatchNorm2d`), over `[..., C]`.
 
   `scale`/`bias` live in `params` (so parameter counts match PyTorch's, where they are BN weights) and
   `mean`/`var` in `batch_stats`; no gradient reaches any of them, as in the reference where all four are
-  constant buffers.
+  constant buffers. `Conv2d` folds it into its kernel.
   """
 
+  num_features: int
   eps: float = NORM_EPS
 
-  @nn.compact
+  def setup(self):
+    c = self.num_features
+    self.scale = self.param("scale", nn.initializers.ones, (c,))
+    self.bias = self.param("bias", nn.initializers.zeros, (c,))
+    self.mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
+    self.var = self.variable("batch_stats", "var", jnp.ones, (c,))
+
+  def affine(self) -> tuple[jax.Array, jax.Array]:
+    """The frozen normalisation as `x * multiplier + offset`, both `[C]` (Detectron2's formula)."""
+    multiplier = jax.lax.stop_gradient(self.scale * jax.lax.rsqrt(self.var.value + self.eps))
+    return multiplier, jax.lax.stop_gradient(self.bias - self.mean.value * multiplier)
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    channels = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (channels,))
-    bias = self.param("bias", nn.initializers.zeros, (channels,))
-    mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,)).value
-    var = self.variable("batch_stats", "var", jnp.ones, (channels,)).value
-    multiplier = jax.lax.stop_gradient(scale * jax.lax.rsqrt(var + self.eps))
-    offset = jax.lax.stop_gradient(bias - mean * multiplier)
+    multiplier, offset = self.affine()
     return x * multiplier + offset
 
 
-def frozen_batch_norm(name: str) -> nn.Module:
-  return FrozenBatchNorm(name=name)
+def frozen_batch_norm(features: int, name: str) -> nn.Module:
+  return FrozenBatchNorm(features, name=name)
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, out_layout: str = "NHWC") -> jax.Array:
+  """PyTorch-style convolution (symmetric `k // 2` padding): `[B, H, W, C_in]` x `[k, k, C_in, C_out]` ->
+  `[B, H', W', C_out]` (or `[B, C_out, H', W']` with `out_layout="NCHW"`)."""
+  if kernel.shape[:2] == (1, 1) and out_layout == "NHWC":
+    # A 1x1 convolution is a matmul over channels; XLA:CPU runs it faster on its matmul path.
+    return jnp.einsum("bhwc,cd->bhwd", x[:, ::stride, ::stride], kernel[0, 0])
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                                      dimension_numbers=("NHWC", "HWIO", out_layout))
 
 
 class Conv2d(nn.Module):
@@ -70,7 +88,7 @@ class Conv2d(nn.Module):
   kernel_size: int
   stride: int = 1
   use_bias: bool = True
-  norm: Optional[Callable[[str], nn.Module]] = None
+  norm: Optional[Callable[[int, str], nn.Module]] = None  # (features, name) -> norm module
   activation: Optional[Callable[[jax.Array], jax.Array]] = None
   kernel_init: Callable = c2_xavier_init
 
@@ -78,14 +96,19 @@ class Conv2d(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-    pad = k // 2
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,))
-    if self.norm is not None:
-      y = self.norm("norm")(y)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    norm = self.norm(self.features, "norm") if self.norm is not None else None
+    if isinstance(norm, FrozenBatchNorm):
+      # A frozen affine folds into the conv: one pass over the activations instead of two.
+      multiplier, offset = norm.affine()
+      kernel = kernel * multiplier
+      bias = offset if bias is None else bias * multiplier + offset
+      norm = None
+    y = conv2d(x, kernel, self.stride)
+    if bias is not None:
+      y = y + bias
+    if norm is not None:
+      y = norm(y)
     if self.activation is not None:
       y = self.activation(y)
     return y
@@ -125,6 +148,12 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes `[B, H, W, ...]` to `[B, *size, ...]` with PyTorch's `F.interpolate(mode="nearest")` rule."""
+  b, h, w = x.shape[:3]
+  if size[0] % h == 0 and size[1] % w == 0:
+    # Integer factors (the FPN's exact 2x): a broadcast that XLA fuses, instead of two gathers.
+    fh, fw = size[0] // h, size[1] // w
+    x = jnp.broadcast_to(x[:, :, None, :, None], (b, h, fh, w, fw) + x.shape[3:])
+    return x.reshape((b, size[0], size[1]) + x.shape[5:])
   rows = nearest_indices(x.shape[1], size[0])
   cols = nearest_indices(x.shape[2], size[1])
   return x[:, rows][:, :, cols]

@@ -31,8 +31,9 @@ class MaskFormer(nn.Module):
   mean/std, H and W multiples of 32. With `train=True` pass `rngs={"dropout": key}` (dropout and drop path).
 
   Returns a dict with `pred_logits` `[B, Q, K+1]`, `pred_masks` `[B, Q, H/4, W/4]` (mask logits at stride 4) and
-  `aux_outputs`: a list of L-1 dicts of the same two entries for decoder layers 1..L-1 (empty when
-  `deep_supervision` is off; unused outputs cost nothing under `jit`).
+  `aux_outputs`: a list of L-1 dicts of the same two entries for decoder layers 1..L-1. Pass `aux_outputs=False`
+  (or configure `deep_supervision=False`) when only the final prediction is needed, as in inference: the list is
+  then empty and the final masks come from a cheaper, equivalent computation (`PixelEmbeddings.mask_logits`).
   """
 
   backbone: nn.Module
@@ -42,13 +43,15 @@ class MaskFormer(nn.Module):
   deep_supervision: bool = True
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool = False) -> dict:
+  def __call__(self, images: jax.Array, train: bool = False, aux_outputs: bool = True) -> dict:
     check_images(images)
     features = self.backbone(images, train=train)
-    mask_features, encoder_memory = self.pixel_decoder(features, train=train)
+    pixel_embeddings, encoder_memory = self.pixel_decoder(features, train=train)
     memory = features["res5"] if self.in_feature == "res5" else encoder_memory
-    pred_logits, pred_masks = self.predictor(memory, mask_features, train=train)
-    aux = []
-    if self.deep_supervision:
-      aux = [{"pred_logits": pred_logits[i], "pred_masks": pred_masks[i]} for i in range(len(pred_logits) - 1)]
+    pred_logits, mask_embed = self.predictor(memory, train=train)  # [L, B, Q, K+1], [L, B, Q, mask_dim]
+    if not (aux_outputs and self.deep_supervision):
+      return {"pred_logits": pred_logits[-1], "pred_masks": pixel_embeddings.mask_logits(mask_embed[-1]),
+              "aux_outputs": []}
+    pred_masks = jnp.einsum("lbqc,bhwc->lbqhw", mask_embed, pixel_embeddings.features())
+    aux = [{"pred_logits": pred_logits[i], "pred_masks": pred_masks[i]} for i in range(len(pred_logits) - 1)]
     return {"pred_logits": pred_logits[-1], "pred_masks": pred_masks[-1], "aux_outputs": aux}

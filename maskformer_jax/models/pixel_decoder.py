@@ -6,18 +6,45 @@ through a 1x1 `input_proj` and a post-norm DETR encoder with sine positions
 (`TransformerEncoderPixelDecoder`), whose output also becomes the transformer decoder's memory.
 Parameter names mirror the reference: `layer_{1..4}`, `adapter_{1..3}`, `mask_features`, `input_proj`, `encoder`.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskformer_jax.models.layers import Conv2d, group_norm, resize_nearest, sine_position_encoding
+from maskformer_jax.models.layers import Conv2d, conv2d, group_norm, resize_nearest, sine_position_encoding
 from maskformer_jax.models.transformer import TransformerEncoder
 
 
+class PixelEmbeddings(NamedTuple):
+  """The stride-4 FPN map and the final 3x3 `mask_features` projection, kept apart.
+
+  Mask logits are dot products of query embeddings with the projected map. For every decoder layer at once,
+  project then contract (`features`); for one set of queries, fold the projection into a per-image conv with one
+  output channel per query (`mask_logits`): the same function with Q instead of mask_dim output channels and no
+  separate contraction.
+  """
+
+  fpn: jax.Array  # [B, H/4, W/4, conv_dim]
+  kernel: jax.Array  # [3, 3, conv_dim, mask_dim]
+  bias: jax.Array  # [mask_dim]
+
+  def features(self) -> jax.Array:
+    """The per-pixel embeddings `[B, H/4, W/4, mask_dim]`."""
+    return conv2d(self.fpn, self.kernel) + self.bias
+
+  def mask_logits(self, mask_embed: jax.Array) -> jax.Array:
+    """`mask_embed` `[B, Q, mask_dim]` -> mask logits `[B, Q, H/4, W/4]`."""
+
+    def one_image(fpn, embed):  # [H, W, C], [Q, D]
+      kernel = jnp.einsum("ijcd,qd->ijcq", self.kernel, embed)
+      return conv2d(fpn[None], kernel, out_layout="NCHW")[0] + (embed @ self.bias)[:, None, None]
+
+    return jax.vmap(one_image)(self.fpn, mask_embed)
+
+
 class PixelDecoder(nn.Module):
-  """Backbone features -> (`mask_features` `[B, H/4, W/4, mask_dim]`, encoder memory `[B, H/32, W/32, conv_dim]`).
+  """Backbone features -> (`PixelEmbeddings` at stride 4, encoder memory `[B, H/32, W/32, conv_dim]`).
 
   The memory is None unless `num_encoder_layers > 0`.
   """
@@ -32,7 +59,7 @@ class PixelDecoder(nn.Module):
 
   @nn.compact
   def __call__(self, features: dict[str, jax.Array], train: bool = False
-               ) -> tuple[jax.Array, Optional[jax.Array]]:
+               ) -> tuple[PixelEmbeddings, Optional[jax.Array]]:
     norm = group_norm(self.num_groups)
     res5 = features["res5"]
     memory = None
@@ -51,5 +78,7 @@ class PixelDecoder(nn.Module):
           features[f"res{level + 1}"])
       y = lateral + resize_nearest(y, lateral.shape[1:3])
       y = Conv2d(self.conv_dim, 3, use_bias=False, norm=norm, activation=nn.relu, name=f"layer_{level}")(y)
-    mask_features = Conv2d(self.mask_dim, 3, name="mask_features")(y)
-    return mask_features, memory
+    projection = Conv2d(self.mask_dim, 3, name="mask_features")
+    projection(y)  # creates the parameters; PixelEmbeddings applies them (unused results cost nothing under jit)
+    params = projection.variables["params"]
+    return PixelEmbeddings(y, params["kernel"], params["bias"]), memory
