@@ -13,16 +13,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
+from maskformer_jax import cli  # noqa: E402
 from maskformer_jax.checkpoint import save_model  # noqa: E402
 from maskformer_jax.convert import load_detectron2_checkpoint, load_hf_checkpoint  # noqa: E402
 
 _SOURCE = flags.DEFINE_enum("source", None, ["hf", "detectron2"], "Checkpoint format of --input.")
 _INPUT = flags.DEFINE_string("input", None, "A Detectron2 .pkl file or a transformers save_pretrained directory.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write (must not hold a checkpoint already).")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Optional config whose `model` the .pkl must match.",
-                                          lock_config=True)
+_CONFIG = cli.define_config(None, "Optional config whose `model` the .pkl must match.")
 flags.mark_flags_as_required(["source", "input", "output"])
 
 
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,15 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `configs`
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from maskformer_jax import cli  # noqa: E402
 from maskformer_jax.checkpoint import load_model  # noqa: E402
 from maskformer_jax.inference import prepare_image  # noqa: E402
 from maskformer_jax.models import build_model, init_variables  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/ade20k_r50.py", "Config file (used without --checkpoint).",
-                                          lock_config=True)
+_CONFIG = cli.define_config("configs/ade20k_r50.py", "Config file (used without --checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory written by scripts/convert_checkpoint.py.")
 
 
@@ -58,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
