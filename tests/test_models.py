@@ -1,4 +1,6 @@
 """The Flax model against transformers' PyTorch MaskFormer (random weights, built offline), and its contract."""
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,3 +181,19 @@ def test_transformer_encoder_pixel_decoder_equals_torch_encoder():
       src = layer.norm1(src + attn)
       src = layer.norm2(src + layer.linear2(torch.relu(layer.linear1(src))))
   np.testing.assert_allclose(np.asarray(memory).reshape(1, 96, 256), src.numpy(), atol=TOLERANCE)
+
+
+# Parameter counts in millions from the paper (Table 1 for ADE20K, Table 3 for COCO panoptic; Cityscapes uses R101).
+PAPER_PARAMS_M = {
+    "ade20k_r50": 41, "ade20k_r101": 60, "ade20k_swin_tiny": 42, "ade20k_swin_small": 63, "ade20k_swin_base": 102,
+    "ade20k_swin_large": 212, "coco_panoptic_r50": 45, "coco_panoptic_r101": 64, "coco_panoptic_swin_tiny": 42,
+    "coco_panoptic_swin_small": 63, "coco_panoptic_swin_base": 102, "coco_panoptic_swin_large": 212,
+    "cityscapes_r101": 60,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
+def test_every_paper_config_builds_with_the_papers_parameter_count(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  params = abstract_variables(config.model)["params"]
+  assert round(sum(x.size for x in jax.tree.leaves(params)) / 1e6) == PAPER_PARAMS_M[name]
