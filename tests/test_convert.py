@@ -26,8 +26,8 @@ def hf_state_dict_to_detectron2(state_dict, with_pixel_decoder_level: bool) -> d
   enc, out = "model.pixel_level_module.encoder.", {}
   for key, value in sd.items():
     k = key
-    if k == "criterion.empty_weight" or k.startswith(enc + "model.layernorm."):
-      continue
+    if k.startswith(enc + "model.layernorm."):
+      continue  # transformers' unused Swin norm; `criterion.empty_weight` keeps its name, as in MaskFormer's files
     k = k.replace(enc + "embedder.embedder.convolution.", "backbone.stem.conv1.")
     k = k.replace(enc + "embedder.embedder.normalization.", "backbone.stem.conv1.norm.")
     if k.startswith(enc + "encoder.stages."):
@@ -86,6 +86,7 @@ def test_official_pkl_loads_and_matches_transformers(hf_checkpoint, tmp_path, wi
   kind, hf_model, path = hf_checkpoint
   state_dict = hf_state_dict_to_detectron2(load_file(path / "model.safetensors"), with_pixel_decoder_level)
   assert ("sem_seg_head.layer_4.weight" in state_dict) != with_pixel_decoder_level
+  assert "criterion.empty_weight" in state_dict  # the loss buffer the released files carry
   pkl = tmp_path / "model_final.pkl"
   with open(pkl, "wb") as f:
     pickle.dump({"model": state_dict, "__author__": "test", "matching_heuristics": True}, f, protocol=2)

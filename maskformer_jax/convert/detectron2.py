@@ -18,6 +18,8 @@ from maskformer_jax.models import config as model_configs
 
 # Buffers that are derived, not learned: recomputed by our code, so never copied.
 _DERIVED_SUFFIXES = ("relative_position_index", "num_batches_tracked", "pixel_mean", "pixel_std")
+# Not part of the network: the loss's class-weight buffer (SetCriterion registers it as a persistent buffer).
+_LOSS_PREFIX = "criterion."
 _INDEXED_MODULES = re.compile(r"^(res\d|layers|blocks)_(\d+)$")
 _LEAF_TO_D2 = {"kernel": "weight", "scale": "weight", "embedding": "weight", "mean": "running_mean",
                "var": "running_var", "in_proj_kernel": "in_proj_weight"}
@@ -45,11 +47,12 @@ def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
 
 def normalize_d2_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Brings the released `.pkl` layout to the in-memory one: `sem_seg_head.X` -> `sem_seg_head.pixel_decoder.X`
-  for every head key outside the predictor (what MaskFormerHead._load_from_state_dict does), drops derived buffers.
+  for every head key outside the predictor (what MaskFormerHead._load_from_state_dict does), drops derived buffers
+  and the loss's `criterion.empty_weight`.
   """
   out = {}
   for key, value in state_dict.items():
-    if key.endswith(_DERIVED_SUFFIXES):
+    if key.endswith(_DERIVED_SUFFIXES) or key.startswith(_LOSS_PREFIX):
       continue
     if key.startswith("sem_seg_head.") and not key.startswith(("sem_seg_head.predictor.",
                                                                "sem_seg_head.pixel_decoder.")):
