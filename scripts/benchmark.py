@@ -103,13 +103,16 @@ def forward_rows(args) -> list[dict]:
 SECTIONS = {"forward": forward_rows}
 
 
-def environment() -> dict:
-  cpu = platform.processor() or "unknown"
+def _cpu_name() -> str:
   try:
     with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):  # not Linux, or no model name listed
+    return platform.processor() or "unknown"
+
+
+def environment() -> dict:
+  cpu = _cpu_name()
   return {"jax": jax.__version__, "jax_backend": jax.default_backend(), "torch": torch.__version__,
           "torch_threads": torch.get_num_threads(), "cpu": cpu, "cores": os.cpu_count(),
           "load_average": os.getloadavg()[0], "xla_flags": os.environ.get("XLA_FLAGS", "")}
