@@ -71,7 +71,7 @@ def test_flat_dict_pickle(tmp_path):
 
 def test_d2_python2_era_pickle(tmp_path):
   """Hand-written protocol-2 pickle as Python 2 wrote it: py2 `str` (SHORT_BINSTRING)
-    for keys and raw array bytes, and the pre-numpy-2 `numpy.core` module names."""
+  for keys and raw array bytes, and the pre-numpy-2 `numpy.core` module names."""
   raw = np.array([1.5, -2.0], dtype="<f4").tobytes()
   dtype = b"cnumpy\ndtype\nU\x02f4K\x00K\x01\x87R(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
   array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R" + b"(K\x01K\x02\x85" + dtype +

@@ -48,13 +48,13 @@ _OFFICIAL_CONTENT = ("Official Detectron2/MaskFormer and PyTorch checkpoints con
 class UnsafeCheckpointError(ValueError):
   """A checkpoint pickle references a global outside the loader's whitelist.
 
-    Loading stopped *before* the global was imported or called.
-    """
+  Loading stopped *before* the global was imported or called.
+  """
 
 
 class CheckpointFormatError(ValueError):
   """A checkpoint file is not in the expected format (corrupt, truncated,
-    wrong kind of file, unexpected structure or value types)."""
+  wrong kind of file, unexpected structure or value types)."""
 
 
 # --------------------------------------------------------------------------
@@ -65,17 +65,17 @@ class CheckpointFormatError(ValueError):
 class _RestrictedUnpickler(pickle.Unpickler):
   """``pickle.Unpickler`` whose ``find_class`` only admits a whitelist.
 
-    Args:
-      file: binary file object positioned at the start of the pickle.
-      whitelist: ``{(module, qualname): object}``; ``find_class(module, name)``
-        returns the mapped object (which need not be the real one -- the torch
-        loader maps torch names to its own numpy functions).
-      path: file name used in error messages.
+  Args:
+    file: binary file object positioned at the start of the pickle.
+    whitelist: ``{(module, qualname): object}``; ``find_class(module, name)``
+      returns the mapped object (which need not be the real one -- the torch
+      loader maps torch names to its own numpy functions).
+    path: file name used in error messages.
 
-    Python-2 era names (``__builtin__.set``, ...) are translated with the same
-    table the stdlib's default ``find_class`` uses (``fix_imports``), because
-    overriding ``find_class`` bypasses that translation.
-    """
+  Python-2 era names (``__builtin__.set``, ...) are translated with the same
+  table the stdlib's default ``find_class`` uses (``fix_imports``), because
+  overriding ``find_class`` bypasses that translation.
+  """
 
   def __init__(self, file: BinaryIO, *, whitelist: Mapping[tuple[str, str], Any], path: str):
     # latin1: Python-2 pickles store numpy array bytes as py2 `str`.
@@ -132,11 +132,11 @@ def _to_state_dict(obj: Any, path: str, *, container_keys: tuple[str, ...],
                    allow_numbers: bool) -> dict[str, np.ndarray]:
   """Pick the parameter dict out of an unpickled checkpoint and validate it.
 
-    If ``obj`` is a dict with a ``container_keys`` entry holding a dict, that
-    entry is used; otherwise ``obj`` itself must be the flat parameter dict.
-    Every value must be a numeric ndarray (or, when ``allow_numbers``, a plain
-    Python/numpy number or list of numbers, converted with ``np.asarray``).
-    """
+  If ``obj`` is a dict with a ``container_keys`` entry holding a dict, that
+  entry is used; otherwise ``obj`` itself must be the flat parameter dict.
+  Every value must be a numeric ndarray (or, when ``allow_numbers``, a plain
+  Python/numpy number or list of numbers, converted with ``np.asarray``).
+  """
   expected = "a flat {parameter name: array} dict, or a dict with such a dict under " + " / ".join(
       repr(k) for k in container_keys)
   if not isinstance(obj, dict):
@@ -172,7 +172,7 @@ def _to_state_dict(obj: Any, path: str, *, container_keys: tuple[str, ...],
 
 def _latin1_encode(obj: str, encoding: str = "utf-8") -> bytes:
   """Stand-in for ``_codecs.encode``: protocol<3 pickles store ``bytes`` as
-    ``_codecs.encode(text, "latin1")``; only that use is admitted."""
+  ``_codecs.encode(text, "latin1")``; only that use is admitted."""
   if not isinstance(obj, str) or encoding.replace("-", "").lower() not in ("latin1", "iso88591"):
     raise CheckpointFormatError(f"unexpected _codecs.encode({type(obj).__name__}, {encoding!r}) in pickle")
   return obj.encode("latin1")
@@ -205,25 +205,25 @@ _ZIP_MAGIC = b"PK\x03\x04"
 def load_detectron2_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Read an official Detectron2 / MaskFormer ``.pkl`` checkpoint safely.
 
-    Args:
-      path: a pickle of ``{"model": {name: ndarray, ...}, ...}`` (other
-        top-level entries such as ``"__author__"`` or ``"matching_heuristics"``
-        are ignored) or directly of a flat ``{name: ndarray}`` dict.  Python-2
-        era pickles (protocol 2, latin1 strings) are supported.
+  Args:
+    path: a pickle of ``{"model": {name: ndarray, ...}, ...}`` (other
+      top-level entries such as ``"__author__"`` or ``"matching_heuristics"``
+      are ignored) or directly of a flat ``{name: ndarray}`` dict.  Python-2
+      era pickles (protocol 2, latin1 strings) are supported.
 
-    Returns:
-      ``{parameter name: np.ndarray}`` in file order.  Arrays keep the dtype
-      and shape stored in the file (D2 zoo files are mostly float32 and
-      sometimes float64 / int64); plain Python numbers or lists of numbers
-      found in ``"model"`` are converted with ``np.asarray``.
+  Returns:
+    ``{parameter name: np.ndarray}`` in file order.  Arrays keep the dtype
+    and shape stored in the file (D2 zoo files are mostly float32 and
+    sometimes float64 / int64); plain Python numbers or lists of numbers
+    found in ``"model"`` are converted with ``np.asarray``.
 
-    Raises:
-      FileNotFoundError: ``path`` does not exist.
-      UnsafeCheckpointError: the pickle references a global other than numpy
-        array/dtype/scalar reconstructors and ``collections.OrderedDict``.
-      CheckpointFormatError: not a pickle, truncated/corrupt, a torch zip, no
-        ``"model"`` dict, or a non-numeric entry.
-    """
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    UnsafeCheckpointError: the pickle references a global other than numpy
+      array/dtype/scalar reconstructors and ``collections.OrderedDict``.
+    CheckpointFormatError: not a pickle, truncated/corrupt, a torch zip, no
+      ``"model"`` dict, or a non-numeric entry.
+  """
   path = os.fspath(path)
   _check_exists(path)
   with open(path, "rb") as f:
@@ -328,7 +328,7 @@ def _tensor_from_storage(storage: Any,
                          dtype: _TorchDtype | None,
                          metadata: Any = None) -> np.ndarray:
   """numpy version of ``torch._utils._rebuild_tensor``: a C-contiguous copy
-    of ``storage`` viewed with element ``offset``, ``size`` and ``stride``."""
+  of ``storage`` viewed with element ``offset``, ``size`` and ``stride``."""
   if not isinstance(storage, _Storage):
     raise CheckpointFormatError(f"tensor rebuild got a {type(storage).__name__} instead of a storage")
   dtype = dtype or storage.dtype
@@ -376,7 +376,7 @@ def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_ho
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
   """``torch._utils._rebuild_tensor_v3`` (dtypes without a legacy storage
-    class, e.g. uint16) -> np.ndarray."""
+  class, e.g. uint16) -> np.ndarray."""
   if not isinstance(dtype, _TorchDtype):
     raise CheckpointFormatError(f"_rebuild_tensor_v3 got dtype {dtype!r}")
   return _tensor_from_storage(storage, offset, size, stride, dtype, metadata)
@@ -384,7 +384,7 @@ def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_ho
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
   """``torch._utils._rebuild_parameter[_with_state]``: a Parameter is just
-    its data here; python attributes in ``state`` are dropped."""
+  its data here; python attributes in ``state`` are dropped."""
   return data
 
 
@@ -407,7 +407,7 @@ _TORCH_WHITELIST: dict[tuple[str, str], Any] = {
 
 class _TorchUnpickler(_RestrictedUnpickler):
   """Restricted unpickler for ``<prefix>/data.pkl``; storages are loaded
-    from ``<prefix>/data/<key>`` in the same zip (shared between tensors)."""
+  from ``<prefix>/data/<key>`` in the same zip (shared between tensors)."""
 
   def __init__(self, file: BinaryIO, *, archive: zipfile.ZipFile, prefix: str, path: str):
     super().__init__(file, whitelist=_TORCH_WHITELIST, path=path)
@@ -440,28 +440,28 @@ def _is_legacy_torch_file(path: str) -> bool:
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Read a ``torch.save`` zip checkpoint into numpy without importing torch.
 
-    Args:
-      path: a file written by ``torch.save`` (torch >= 1.6 zip format) holding
-        a flat ``{name: tensor}`` state dict, e.g. ``pytorch_model.bin``.  A
-        dict whose ``"model"`` or ``"state_dict"`` entry is such a dict (e.g.
-        Detectron2's ``model_final.pth``) is unwrapped.
+  Args:
+    path: a file written by ``torch.save`` (torch >= 1.6 zip format) holding
+      a flat ``{name: tensor}`` state dict, e.g. ``pytorch_model.bin``.  A
+      dict whose ``"model"`` or ``"state_dict"`` entry is such a dict (e.g.
+      Detectron2's ``model_final.pth``) is unwrapped.
 
-    Returns:
-      ``{name: np.ndarray}`` in file order; every array is a C-contiguous copy
-      with the tensor's shape.  dtypes match ``tensor.numpy()`` (float32,
-      float16, float64, int64, int32, int16, int8, uint8, bool, complex,
-      uint16/32/64), except bfloat16 and float8 tensors, which are returned as
-      float32 (exact upcast).  ``nn.Parameter`` entries load as their data;
-      non-contiguous views, storage offsets and shared storages are honoured.
+  Returns:
+    ``{name: np.ndarray}`` in file order; every array is a C-contiguous copy
+    with the tensor's shape.  dtypes match ``tensor.numpy()`` (float32,
+    float16, float64, int64, int32, int16, int8, uint8, bool, complex,
+    uint16/32/64), except bfloat16 and float8 tensors, which are returned as
+    float32 (exact upcast).  ``nn.Parameter`` entries load as their data;
+    non-contiguous views, storage offsets and shared storages are honoured.
 
-    Raises:
-      FileNotFoundError: ``path`` does not exist.
-      UnsafeCheckpointError: ``data.pkl`` references any global besides the
-        tensor/parameter rebuild functions, storage classes, dtypes and
-        ``collections.OrderedDict``.
-      CheckpointFormatError: legacy (non-zip) torch file, not a torch zip,
-        corrupt/truncated data, big-endian data, or a non-tensor entry.
-    """
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    UnsafeCheckpointError: ``data.pkl`` references any global besides the
+      tensor/parameter rebuild functions, storage classes, dtypes and
+      ``collections.OrderedDict``.
+    CheckpointFormatError: legacy (non-zip) torch file, not a torch zip,
+      corrupt/truncated data, big-endian data, or a non-tensor entry.
+  """
   path = os.fspath(path)
   _check_exists(path)
   if not zipfile.is_zipfile(path):
