@@ -12,7 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskformer_jax.models.layers import Conv2d, conv2d, group_norm, resize_nearest, sine_position_encoding
+from maskformer_jax.models.layers import (Conv2d, c2_xavier_init, conv2d, group_norm, resize_nearest,
+                                          sine_position_encoding)
 from maskformer_jax.models.transformer import TransformerEncoder
 
 
@@ -41,6 +42,17 @@ class PixelEmbeddings(NamedTuple):
       return conv2d(fpn[None], kernel, out_layout="NCHW")[0] + (embed @ self.bias)[:, None, None]
 
     return jax.vmap(one_image)(self.fpn, mask_embed)
+
+
+class MaskProjection(nn.Module):
+  """Parameters of the final 3x3 `mask_features` conv (with bias), applied by `PixelEmbeddings`."""
+
+  mask_dim: int
+
+  @nn.compact
+  def __call__(self, in_channels: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", c2_xavier_init, (3, 3, in_channels, self.mask_dim))
+    return kernel, self.param("bias", nn.initializers.zeros, (self.mask_dim,))
 
 
 class PixelDecoder(nn.Module):
@@ -78,7 +90,5 @@ class PixelDecoder(nn.Module):
           features[f"res{level + 1}"])
       y = lateral + resize_nearest(y, lateral.shape[1:3])
       y = Conv2d(self.conv_dim, 3, use_bias=False, norm=norm, activation=nn.relu, name=f"layer_{level}")(y)
-    projection = Conv2d(self.mask_dim, 3, name="mask_features")
-    projection(y)  # creates the parameters; PixelEmbeddings applies them (unused results cost nothing under jit)
-    params = projection.variables["params"]
-    return PixelEmbeddings(y, params["kernel"], params["bias"]), memory
+    kernel, bias = MaskProjection(self.mask_dim, name="mask_features")(y.shape[-1])
+    return PixelEmbeddings(y, kernel, bias), memory
