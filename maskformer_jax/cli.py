@@ -3,7 +3,7 @@ import re
 import sys
 from typing import Callable, Optional
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 
@@ -42,5 +42,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """`absl.app.run(main)` with readable errors for bad flags and `--config.*` overrides."""
-  app.run(main, flags_parser=_parse_flags)
+  """`absl.app.run(main)` with readable errors for bad flags and `--config.*` overrides.
+
+  Library INFO logs (JAX probing for TPUs, orbax internals) are hidden by default; `--verbosity=0` shows them.
+  """
+
+  def main_with_quiet_libraries(argv: list[str]) -> None:
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    main(argv)
+
+  app.run(main_with_quiet_libraries, flags_parser=_parse_flags)
