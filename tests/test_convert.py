@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from configs import ade20k_r50, ade20k_swin_tiny
 from hf_reference import hf_outputs
 from maskformer_jax.checkpoint import load_model
 from maskformer_jax.convert import UnsafeCheckpointError, load_detectron2_checkpoint, load_hf_checkpoint
@@ -118,7 +119,6 @@ def test_wrong_config_is_reported_with_the_mismatching_keys(hf_checkpoint, tmp_p
   pkl = tmp_path / "model.pkl"
   with open(pkl, "wb") as f:
     pickle.dump({"model": hf_state_dict_to_detectron2(load_file(path / "model.safetensors"), False)}, f)
-  from configs import ade20k_r50, ade20k_swin_tiny
   other = (ade20k_swin_tiny if kind == "resnet50" else ade20k_r50).get_config().model
   with pytest.raises(ValueError, match="missing .*unexpected"):
     load_detectron2_checkpoint(pkl, other)

@@ -12,6 +12,7 @@ from configs import ade20k_r50, ade20k_swin_tiny, coco_panoptic_r50
 from hf_reference import hf_outputs, make_hf_model
 from maskformer_jax.convert import load_hf_checkpoint
 from maskformer_jax.models import abstract_variables, build_model, init_variables, normalize_images
+from maskformer_jax.models.layers import sine_position_encoding
 
 TOLERANCE = 1e-4  # absolute, on logits of magnitude ~10
 SHAPES = [(1, 64, 64), (2, 160, 96)]  # one square, one not (Swin windows partly padded at every stage)
@@ -157,7 +158,6 @@ def test_transformer_encoder_pixel_decoder_equals_torch_encoder():
   _, memory = jax.jit(lambda v, f: model.pixel_decoder.apply(v, f))({"params": pd_params}, features)
 
   # Reference: 1x1 input projection, flatten, sine positions added to q and k in every layer.
-  from maskformer_jax.models.layers import sine_position_encoding  # the encoding itself is checked via parity
   res5 = torch.from_numpy(np.array(features["res5"]))
   kernel = torch.from_numpy(np.array(pd_params["input_proj"]["kernel"]))[0, 0]  # [C_in, C_out]
   src = res5.reshape(1, -1, 2048) @ kernel + torch.from_numpy(np.array(pd_params["input_proj"]["bias"]))

@@ -120,19 +120,19 @@ def d2_to_variables(state_dict: Mapping[str, np.ndarray], model_config: ml_colle
   """
   state_dict = normalize_d2_keys(state_dict)
   target = traverse_util.flatten_dict(abstract_variables(model_config))
-  flat, missing, mismatched, used = {}, [], [], set()
+  flat, missing, mismatched, seen = {}, [], [], set()
   for (collection, *path), spec in target.items():
     key = d2_key(tuple(path))
     if key not in state_dict:
       missing.append(key)
       continue
+    seen.add(key)
     value = _to_flax(path[-1], state_dict[key])
     if value.shape != spec.shape:
       mismatched.append(f"{key}: checkpoint {state_dict[key].shape}, model expects {spec.shape} (as {value.shape})")
       continue
-    used.add(key)
     flat[(collection, *path)] = value.astype(spec.dtype)
-  unexpected = sorted(set(state_dict) - used - set(missing))
+  unexpected = sorted(set(state_dict) - seen)
   if missing or mismatched or unexpected:
     def show(items):
       return "; ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8 else "")

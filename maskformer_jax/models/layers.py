@@ -37,7 +37,7 @@ class FrozenBatchNorm(nn.Module):
 
   `scale`/`bias` live in `params` (so parameter counts match PyTorch's, where they are BN weights) and
   `mean`/`var` in `batch_stats`; no gradient reaches any of them, as in the reference where all four are
-  constant buffers. `Conv2d` folds it into its kernel.
+  constant buffers. It has no `__call__`: `Conv2d(norm=frozen_batch_norm)` folds `affine()` into its kernel.
   """
 
   num_features: int
@@ -54,10 +54,6 @@ class FrozenBatchNorm(nn.Module):
     """The frozen normalisation as `x * multiplier + offset`, both `[C]` (Detectron2's formula)."""
     multiplier = jax.lax.stop_gradient(self.scale * jax.lax.rsqrt(self.var.value + self.eps))
     return multiplier, jax.lax.stop_gradient(self.bias - self.mean.value * multiplier)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    multiplier, offset = self.affine()
-    return x * multiplier + offset
 
 
 def frozen_batch_norm(features: int, name: str) -> nn.Module:
@@ -148,12 +144,6 @@ def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes `[B, H, W, ...]` to `[B, *size, ...]` with PyTorch's `F.interpolate(mode="nearest")` rule."""
-  b, h, w = x.shape[:3]
-  if size[0] % h == 0 and size[1] % w == 0:
-    # Integer factors (the FPN's exact 2x): a broadcast that XLA fuses, instead of two gathers.
-    fh, fw = size[0] // h, size[1] // w
-    x = jnp.broadcast_to(x[:, :, None, :, None], (b, h, fh, w, fw) + x.shape[3:])
-    return x.reshape((b, size[0], size[1]) + x.shape[5:])
   rows = nearest_indices(x.shape[1], size[0])
   cols = nearest_indices(x.shape[2], size[1])
   return x[:, rows][:, :, cols]
