@@ -1,0 +1,157 @@
+"""MaskFormer's training objective: Hungarian matching, then cross-entropy, sigmoid focal and dice losses, at the
+final decoder layer and at every auxiliary one (facebookresearch/MaskFormer `mask_former/modeling/criterion.py`).
+
+Targets are padded to a static number of segments per image:
+  labels  int32 `[B, M]`            class of each segment, in [0, num_classes)
+  masks   bool or uint8 `[B, M, H, W]`  binary masks at the (padded) input resolution
+  valid   bool `[B, M]`             which slots hold real segments
+Padded slots take part in nothing: they are never matched and add nothing to any term.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskformer_jax import matching
+
+TERMS = ("loss_ce", "loss_mask", "loss_dice")
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """`[out, in]` weights of PyTorch's bilinear resize with align_corners=False (half-pixel centres, edge clamp)."""
+  scale = in_size / out_size
+  source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = source - low
+  weights = np.zeros((out_size, in_size), np.float32)
+  np.add.at(weights, (np.arange(out_size), low), 1 - frac)
+  np.add.at(weights, (np.arange(out_size), high), frac)
+  return weights
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """`[..., h, w]` -> `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`; two small
+  matrix products, exact in float32 on every backend."""
+  rows = bilinear_matrix(x.shape[-2], size[0])
+  cols = bilinear_matrix(x.shape[-1], size[1])
+  return jnp.einsum("Hh,...hw,Ww->...HW", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+
+
+def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
+  """Per-mask sigmoid focal loss, mean over pixels: `[..., P]` logits and {0, 1} targets -> `[...]`."""
+  prob = jax.nn.sigmoid(logits)
+  bce = jax.nn.softplus(logits) - logits * targets  # binary cross-entropy with logits
+  p_t = prob * targets + (1 - prob) * (1 - targets)
+  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+  return jnp.mean(alpha_t * bce * (1 - p_t) ** gamma, axis=-1)
+
+
+def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-mask dice loss with +1 smoothing: `[..., P]` logits and {0, 1} targets -> `[...]`."""
+  prob = jax.nn.sigmoid(logits)
+  return 1 - (2 * jnp.sum(prob * targets, -1) + 1) / (jnp.sum(prob, -1) + jnp.sum(targets, -1) + 1)
+
+
+def _layer_terms(pred_logits, pred_masks, query_index, targets, *, num_classes, no_object_weight, focal_alpha,
+                 focal_gamma, num_masks) -> dict:
+  """The three unweighted terms of one decoder layer, given its matching `query_index` `[B, M]`."""
+  labels, valid = targets["labels"], targets["valid"]
+  num_queries = pred_logits.shape[1]
+
+  # Classification: matched queries learn their target's class, all others "no object" (the last class).
+  matched = valid[..., None] & (query_index[..., None] == jnp.arange(num_queries))  # [B, M, Q]
+  target_class = jnp.where(matched.any(1), jnp.sum(matched * labels[..., None], axis=1), num_classes)  # [B, Q]
+  log_probs = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
+  weight = jnp.where(target_class == num_classes, no_object_weight, 1.0)
+  loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)  # PyTorch's weighted mean
+
+  # Masks: each target slot's matched prediction, upsampled to the target resolution.
+  masks = targets["masks"]
+  chosen = jnp.take_along_axis(pred_masks, jnp.maximum(query_index, 0)[..., None, None], axis=1)  # [B, M, h, w]
+  logits = resize_bilinear(chosen.astype(jnp.float32), masks.shape[-2:]).reshape(*masks.shape[:2], -1)
+  target = masks.reshape(*masks.shape[:2], -1).astype(jnp.float32)
+  focal = sigmoid_focal_loss(logits, target, focal_alpha, focal_gamma)
+  dice = dice_loss(logits, target)
+  return {"loss_ce": loss_ce,
+          "loss_mask": jnp.sum(jnp.where(valid, focal, 0)) / num_masks,
+          "loss_dice": jnp.sum(jnp.where(valid, dice, 0)) / num_masks}
+
+
+def check_targets(targets: dict, num_classes: int, batch_size: int) -> None:
+  """Raises a ValueError naming the problem if `targets` does not follow the padded target format."""
+  missing = sorted({"labels", "masks", "valid"} - set(targets))
+  if missing:
+    raise ValueError(f"targets is missing {missing}; expected labels [B, M], masks [B, M, H, W], valid [B, M].")
+  labels, masks, valid = targets["labels"], targets["masks"], targets["valid"]
+  if labels.ndim != 2 or valid.shape != labels.shape or masks.shape[:2] != labels.shape or masks.ndim != 4:
+    raise ValueError(f"targets must be labels [B, M], masks [B, M, H, W], valid [B, M]; got labels {labels.shape}, "
+                     f"masks {masks.shape}, valid {valid.shape}.")
+  if labels.shape[0] != batch_size:
+    raise ValueError(f"targets hold {labels.shape[0]} images but the predictions {batch_size}.")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise ValueError(f"targets['labels'] must be integers; got {labels.dtype}.")
+  if masks.dtype not in (jnp.bool_, jnp.uint8):
+    raise ValueError(f"targets['masks'] must be bool or uint8 (binary masks); got {masks.dtype}.")
+  if not isinstance(labels, jax.core.Tracer) and not isinstance(valid, jax.core.Tracer):
+    real = np.asarray(labels)[np.asarray(valid, bool)]
+    if real.size and (real.min() < 0 or real.max() >= num_classes):
+      raise ValueError(f"targets['labels'] has values in [{real.min()}, {real.max()}] for real segments but "
+                       f"num_classes is {num_classes}: labels must lie in [0, {num_classes}). Map ignored regions "
+                       "to no segment at all rather than to a label.")
+
+
+def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_weight: float = 1.0,
+                    mask_weight: float = 20.0, dice_weight: float = 1.0, no_object_weight: float = 0.1,
+                    focal_alpha: float = 0.25, focal_gamma: float = 2.0, matcher: str = "device"
+                    ) -> tuple[jax.Array, dict]:
+  """MaskFormer's loss for the model's output dict and padded targets (see the module docstring).
+
+  Args:
+    outputs: `pred_logits` `[B, Q, K+1]`, `pred_masks` `[B, Q, H/4, W/4]` and `aux_outputs`, a (possibly empty)
+      list of such dicts for decoder layers 1..L-1, as `MaskFormer.__call__` returns.
+    targets: `labels`, `masks`, `valid` as above; `masks` at the padded input resolution H x W.
+    num_classes: K, the number of real classes.
+    class_weight, mask_weight, dice_weight: weights of the cross-entropy, focal and dice terms, in the loss and in
+      the matching cost alike.
+    no_object_weight: cross-entropy weight of the "no object" class (real classes weigh 1).
+    matcher: 'device' or 'host', see `matching.match_queries`.
+
+  Every decoder layer is matched on its own (no gradient flows through the matching). Focal and dice are summed
+  over the matched pairs of the whole (global) batch and divided by its number of real segments (at least 1); the
+  cross-entropy is the weighted mean over all queries.
+
+  Returns:
+    `(total, terms)`: `terms` holds the unweighted `loss_ce`, `loss_mask`, `loss_dice` of the final layer and
+    `loss_ce_i`, `loss_mask_i`, `loss_dice_i` of auxiliary output i (0 = first decoder layer); `total` is their
+    weighted sum.
+  """
+  layers = [*outputs.get("aux_outputs", []), outputs]
+  check_targets(targets, num_classes, outputs["pred_logits"].shape[0])
+  if outputs["pred_logits"].shape[-1] != num_classes + 1:
+    raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes; expected num_classes + 1 = "
+                     f"{num_classes + 1} (the last is 'no object').")
+  targets = {"labels": targets["labels"], "masks": targets["masks"], "valid": targets["valid"].astype(bool)}
+  # All layers are matched and scored together, stacked on a leading axis: one solver loop for all of them.
+  pred_logits = jnp.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, K+1]
+  pred_masks = jnp.stack([layer["pred_masks"] for layer in layers])  # [L, B, Q, h, w]
+  num_masks = jnp.maximum(jnp.sum(targets["valid"]), 1).astype(jnp.float32)
+
+  def layer_terms(logits, masks):
+    cost = matching.matching_cost(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(masks), targets["labels"],
+                                  targets["masks"], targets["valid"],
+                                  class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
+                                  focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+    query_index = matching.match_queries(cost, targets["valid"], backend=matcher)
+    return _layer_terms(logits, masks, query_index, targets, num_classes=num_classes,
+                        no_object_weight=no_object_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
+                        num_masks=num_masks)
+
+  stacked = jax.vmap(layer_terms)(pred_logits, pred_masks)
+  terms = {}
+  for i in range(len(layers)):
+    suffix = "" if i == len(layers) - 1 else f"_{i}"
+    terms.update({name + suffix: stacked[name][i] for name in TERMS})
+  weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+  total = sum(weights[name] * stacked[name].sum() for name in TERMS)
+  return total, terms
