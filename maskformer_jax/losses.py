@@ -12,29 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from maskformer_jax import matching
+from maskformer_jax.models.layers import resize_bilinear
 
 TERMS = ("loss_ce", "loss_mask", "loss_dice")
-
-
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """`[out, in]` weights of PyTorch's bilinear resize with align_corners=False (half-pixel centres, edge clamp)."""
-  scale = in_size / out_size
-  source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-  high = np.minimum(low + 1, in_size - 1)
-  frac = source - low
-  weights = np.zeros((out_size, in_size), np.float32)
-  np.add.at(weights, (np.arange(out_size), low), 1 - frac)
-  np.add.at(weights, (np.arange(out_size), high), frac)
-  return weights
-
-
-def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """`[..., h, w]` -> `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`; two small
-  matrix products, exact in float32 on every backend."""
-  rows = bilinear_matrix(x.shape[-2], size[0])
-  cols = bilinear_matrix(x.shape[-1], size[1])
-  return jnp.einsum("Hh,...hw,Ww->...HW", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from maskformer_jax.models.layers import nearest_indices
+
 # Non-finite matching costs (a diverged prediction) are replaced by this value: larger than any real cost (the
 # class, focal and dice terms are O(1) per unit weight), small enough to keep float32 potentials precise.
 NONFINITE_COST = 1e5
@@ -201,19 +203,6 @@ def match_queries(cost: jax.Array, valid: jax.Array, *, backend: str = "device")
 # MaskFormer's matching cost.
 # ----------------------------------------------------------------------------------------------------------------
 
-def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-  """Source indices of PyTorch's legacy `nearest` resize: floor(i * in / out) with a float32 scale, clamped."""
-  scale = np.float32(in_size) / np.float32(out_size)
-  return np.minimum(np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64), in_size - 1)
-
-
-def resize_nearest(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """`[..., H, W]` -> `[..., h, w]` by PyTorch's legacy nearest rule (not half-pixel)."""
-  rows = nearest_indices(masks.shape[-2], size[0])
-  cols = nearest_indices(masks.shape[-1], size[1])
-  return masks[..., rows[:, None], cols[None, :]]
-
-
 def _pairwise(a: jax.Array, b: jax.Array) -> jax.Array:
   """`[B, Q, P] x [B, M, P] -> [B, Q, M]` in full float32 (TPUs would otherwise multiply in bfloat16)."""
   return jnp.einsum("bqp,bmp->bqm", a, b, precision=jax.lax.Precision.HIGHEST)
@@ -238,7 +227,9 @@ def matching_cost(pred_logits: jax.Array, pred_masks: jax.Array, labels: jax.Arr
   cost_class = -jnp.take_along_axis(probs, jnp.clip(labels, 0, probs.shape[-1] - 1)[:, None, :], axis=-1)
 
   logits = pred_masks.astype(jnp.float32).reshape(*pred_masks.shape[:2], -1)  # [B, Q, P]
-  targets = resize_nearest(masks, pred_masks.shape[-2:]).astype(jnp.float32)
+  # Targets to the prediction grid by PyTorch's legacy nearest rule, as the reference matcher does.
+  rows, cols = (nearest_indices(size, out) for size, out in zip(masks.shape[-2:], pred_masks.shape[-2:]))
+  targets = masks[:, :, rows[:, None], cols[None, :]].astype(jnp.float32)
   targets = targets.reshape(*targets.shape[:2], -1)  # [B, M, P]
   num_pixels = logits.shape[-1]
 

@@ -1,6 +1,6 @@
 """Building blocks shared by the backbones and heads.
 
-All tensors are channels-last (`[B, H, W, C]`). Every norm uses PyTorch's epsilon (1e-5) because the reference
+Feature maps are channels-last (`[B, H, W, C]`); per-query masks are `[..., H, W]`. Every norm uses PyTorch's epsilon (1e-5) because the reference
 weights were trained with it; Flax's own default (1e-6) would shift outputs measurably.
 """
 from typing import Callable, Optional
@@ -147,6 +147,27 @@ def resize_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   rows = nearest_indices(x.shape[1], size[0])
   cols = nearest_indices(x.shape[2], size[1])
   return x[:, rows][:, :, cols]
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """`[out, in]` weights of PyTorch's bilinear resize with align_corners=False (half-pixel centres, edge clamp)."""
+  scale = in_size / out_size
+  source = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  low = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+  high = np.minimum(low + 1, in_size - 1)
+  frac = source - low
+  weights = np.zeros((out_size, in_size), np.float32)
+  np.add.at(weights, (np.arange(out_size), low), 1 - frac)
+  np.add.at(weights, (np.arange(out_size), high), frac)
+  return weights
+
+
+def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Resizes masks `[..., h, w]` to `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`:
+  two small matrix products, in full float32 on every backend."""
+  rows = bilinear_matrix(x.shape[-2], size[0])
+  cols = bilinear_matrix(x.shape[-1], size[1])
+  return jnp.einsum("Hh,...hw,Ww->...HW", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
 
 
 def sine_position_encoding(height: int, width: int, num_pos_feats: int, temperature: float = 10000.0
