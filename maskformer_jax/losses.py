@@ -7,6 +7,8 @@ Targets are padded to a static number of segments per image:
   valid   bool `[B, M]`             which slots hold real segments
 Padded slots take part in nothing: they are never matched and add nothing to any term.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,97 @@ def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return 1 - (2 * jnp.sum(prob * targets, -1) + 1) / (jnp.sum(prob, -1) + jnp.sum(targets, -1) + 1)
 
 
+# Matched masks are upsampled and scored this many per image at a time, so the work grows with the number of real
+# segments (rounded up to a chunk), not with the padded `max_segments`.
+MASK_CHUNK = 8
+
+
+def _per_mask_losses(logits, targets, focal_alpha, focal_gamma):
+  """`[..., h, w]` mask logits and `[..., H, W]` targets -> per-mask (focal, dice), logits upsampled to H x W."""
+  logits = resize_bilinear(logits, targets.shape[-2:]).reshape(*targets.shape[:-2], -1)
+  targets = targets.reshape(*targets.shape[:-2], -1).astype(jnp.float32)
+  return sigmoid_focal_loss(logits, targets, focal_alpha, focal_gamma), dice_loss(logits, targets)
+
+
+def _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads):
+  """Per-slot focal and dice `[B, M]` (0 for padded slots) and, if asked, their gradients w.r.t. `chosen`.
+
+  A while loop visits the real slots of every image, `MASK_CHUNK` at a time; padded slots are never upsampled.
+  """
+  batch, num_slots = valid.shape
+  chunk = min(MASK_CHUNK, num_slots)
+  count = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
+  # order[b, p]: index of the p-th real slot of image b (the number of slots before it), for p < count[b].
+  seen = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # [B, M]
+  position = jnp.arange(num_slots + chunk, dtype=jnp.int32)
+  order = jnp.minimum(jnp.sum(seen[:, None, :] <= position[None, :, None], axis=-1, dtype=jnp.int32), num_slots - 1)
+  slots = jnp.arange(num_slots, dtype=jnp.int32)
+
+  def body(state):
+    start = state["chunk"] * chunk
+    index = jax.lax.dynamic_slice_in_dim(order, start, chunk, axis=1)  # [B, C]
+    live = (start + jnp.arange(chunk) < count[:, None]).astype(jnp.float32)
+    scatter = live[..., None] * (index[..., None] == slots)  # [B, C, M] one-hot of live chunk entries
+    logits = jnp.take_along_axis(chosen, index[..., None, None], axis=1)
+    targets = jnp.take_along_axis(masks, index[..., None, None], axis=1)
+    losses, vjp = jax.vjp(lambda x: _per_mask_losses(x, targets, focal_alpha, focal_gamma), logits)
+    state = dict(state, chunk=state["chunk"] + 1)
+    for name, value in zip(("focal", "dice"), losses):
+      state[name] = state[name] + jnp.einsum("bc,bcm->bm", value, scatter)
+    if with_grads:  # each slot's loss depends on its own logits only, so one vjp per term gives every slot's gradient
+      zeros = jnp.zeros_like(live)
+      for name, cotangent in (("grad_focal", (live, zeros)), ("grad_dice", (zeros, live))):
+        grad, = vjp(cotangent)
+        state[name] = state[name] + jnp.einsum("bcm,bchw->bmhw", scatter, grad, precision=jax.lax.Precision.HIGHEST)
+    return state
+
+  zeros = jnp.zeros_like(valid, jnp.float32)
+  state = {"chunk": jnp.int32(0), "focal": zeros, "dice": zeros}
+  if with_grads:
+    state.update(grad_focal=jnp.zeros_like(chosen), grad_dice=jnp.zeros_like(chosen))
+  num_chunks = (jnp.max(count) + chunk - 1) // chunk
+  state = jax.lax.while_loop(lambda s: s["chunk"] < num_chunks, body, state)
+  return state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def matched_mask_losses(chosen: jax.Array, masks: jax.Array, valid: jax.Array, focal_alpha: float,
+                        focal_gamma: float) -> tuple[jax.Array, jax.Array]:
+  """Sigmoid focal (mean over pixels) and dice loss of each target slot's matched prediction.
+
+  Args:
+    chosen: float32 `[B, M, h, w]` mask logits of the query matched to each slot (anything for padded slots).
+    masks: bool or uint8 `[B, M, H, W]` target masks; predictions are bilinearly upsampled to H x W.
+    valid: bool `[B, M]`.
+
+  Returns:
+    `(focal, dice)`, float32 `[B, M]` each, 0 for padded slots. The while loop over real slots cannot be
+    differentiated in reverse mode, so a custom VJP stores each slot's gradient, computed chunk by chunk.
+  """
+  state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=False)
+  return state["focal"], state["dice"]
+
+
+def _matched_mask_losses_fwd(chosen, masks, valid, focal_alpha, focal_gamma):
+  state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=True)
+  return (state["focal"], state["dice"]), (state["grad_focal"], state["grad_dice"], masks, valid)
+
+
+def _matched_mask_losses_bwd(focal_alpha, focal_gamma, residuals, cotangents):
+  grad_focal, grad_dice, masks, valid = residuals
+  focal_cotangent, dice_cotangent = cotangents
+  grad = focal_cotangent[..., None, None] * grad_focal + dice_cotangent[..., None, None] * grad_dice
+  return grad, _zero_cotangent(masks), _zero_cotangent(valid)
+
+
+def _zero_cotangent(x: jax.Array) -> jax.Array:
+  """The zero cotangent of a non-differentiable (integer or bool) input."""
+  return np.zeros(x.shape, jax.dtypes.float0)
+
+
+matched_mask_losses.defvjp(_matched_mask_losses_fwd, _matched_mask_losses_bwd)
+
+
 def _layer_terms(pred_logits, pred_masks, query_index, targets, *, num_classes, no_object_weight, focal_alpha,
                  focal_gamma, num_masks) -> dict:
   """The three unweighted terms of one decoder layer, given its matching `query_index` `[B, M]`."""
@@ -46,16 +139,10 @@ def _layer_terms(pred_logits, pred_masks, query_index, targets, *, num_classes, 
   weight = jnp.where(target_class == num_classes, no_object_weight, 1.0)
   loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)  # PyTorch's weighted mean
 
-  # Masks: each target slot's matched prediction, upsampled to the target resolution.
-  masks = targets["masks"]
+  # Masks: each real slot's matched prediction against its target.
   chosen = jnp.take_along_axis(pred_masks, jnp.maximum(query_index, 0)[..., None, None], axis=1)  # [B, M, h, w]
-  logits = resize_bilinear(chosen.astype(jnp.float32), masks.shape[-2:]).reshape(*masks.shape[:2], -1)
-  target = masks.reshape(*masks.shape[:2], -1).astype(jnp.float32)
-  focal = sigmoid_focal_loss(logits, target, focal_alpha, focal_gamma)
-  dice = dice_loss(logits, target)
-  return {"loss_ce": loss_ce,
-          "loss_mask": jnp.sum(jnp.where(valid, focal, 0)) / num_masks,
-          "loss_dice": jnp.sum(jnp.where(valid, dice, 0)) / num_masks}
+  focal, dice = matched_mask_losses(chosen.astype(jnp.float32), targets["masks"], valid, focal_alpha, focal_gamma)
+  return {"loss_ce": loss_ce, "loss_mask": jnp.sum(focal) / num_masks, "loss_dice": jnp.sum(dice) / num_masks}
 
 
 def check_targets(targets: dict, num_classes: int, batch_size: int) -> None:

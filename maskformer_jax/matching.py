@@ -38,9 +38,11 @@ def _assign_columns(cost: jax.Array, active: jax.Array) -> jax.Array:
   `slot` is a row (v its potential), `agent4slot` the current assignment.
   """
   n, m = cost.shape
+  if m == 0:
+    return jnp.zeros((0,), jnp.int32)
   dtype = cost.dtype
-  agents, slots = jnp.arange(m), jnp.arange(n)
-  slots_and_root = jnp.arange(n + 1)
+  agents, slots = jnp.arange(m, dtype=jnp.int32), jnp.arange(n, dtype=jnp.int32)
+  slots_and_root = jnp.arange(n + 1, dtype=jnp.int32)
   root = n  # a virtual slot holding the agent whose augmenting path is being searched
 
   # The active agents in index order (a compaction: argsort is slow on CPU); the loop visits only those.
@@ -123,8 +125,6 @@ def linear_sum_assignment(cost: jax.Array, maximize: bool = False) -> tuple[jax.
   if not jnp.issubdtype(cost.dtype, jnp.floating):
     cost = cost.astype(jnp.result_type(float))
   n, m = cost.shape
-  if n == 0 or m == 0:
-    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), jnp.int32)
   if maximize:
     cost = -cost
   if n < m:

@@ -1,7 +1,7 @@
 """Benchmarks maskformer-jax against transformers' PyTorch MaskFormer on the same CPU, side by side in one run.
 
-    .venv/bin/python scripts/benchmark.py [--sections=forward] [--models=resnet50,swin_tiny] [--size=512]
-        [--batch=1] [--repeats=7] [--warmup=2] [--json=PATH]
+    .venv/bin/python scripts/benchmark.py [--sections=forward,matching,loss] [--models=resnet50,swin_tiny]
+        [--size=512] [--batch=1] [--match-batch=16] [--repeats=7] [--warmup=2] [--json=PATH]
 
 Sections:
   forward: eval-mode forward latency (ms) of `jax.jit` of our model returning `pred_logits` and `pred_masks`
@@ -14,11 +14,24 @@ Sections:
     `--warmup` calls; JAX compilation is excluded and reported separately. The max |ours - theirs| over
     pred_logits and pred_masks is a sanity check that both ran the same network (expect ~1e-5).
 
+  matching: Hungarian matching of a padded batch as the loss sees it: `--match-batch` (16) images, 100 queries,
+    100 target slots of which 5, 20 or 50 are real, U(0, 1) costs (seeded). Ours: `match_queries` with the
+    in-graph `device` backend and with the `host` backend (scipy through `jax.pure_callback`, inside `jax.jit`);
+    against `optax.assignment.hungarian_algorithm` under `jax.jit(jax.vmap(...))` on the padded matrices (padded
+    columns set to the constant 2.0, the usual way to give it static shapes) and scipy's
+    `linear_sum_assignment` in a host loop over the real columns of each image. Every solver's total cost is
+    checked against scipy's.
+  loss: the whole loss per training step, forward and backward (gradient w.r.t. the predictions): 6 decoder
+    layers (5 auxiliary), `--match-batch` images, 100 queries, 150 classes, 100 target slots with 5, 20 or 50
+    real, 128x128 targets (32x32 mask logits). Ours: `jax.jit(jax.value_and_grad(maskformer_loss))` with either
+    matcher; theirs: transformers' `MaskFormerLoss` forward + backward on the same predictions and targets.
+
 Prints a markdown table; `--json=PATH` also writes the rows and the environment as JSON. Timings are only
 meaningful on an otherwise idle machine (the header shows the load average). `XLA_FLAGS` from the environment
 applies to our side and is printed in the header.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -29,10 +42,15 @@ import time
 
 import jax
 import numpy as np
+import optax
+import scipy.optimize
 import torch
 import transformers
+from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher, MaskFormerLoss
 
 from maskformer_jax.convert.hf import load_hf_checkpoint
+from maskformer_jax.losses import maskformer_loss
+from maskformer_jax.matching import match_queries
 from maskformer_jax.models import SIZE_DIVISIBILITY, build_model
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -53,8 +71,8 @@ def time_fn(fn, repeats: int, warmup: int) -> dict:
   return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
 
-def _ms(timing: dict) -> str:
-  return f"{timing['median_ms']:.1f} (min {timing['min_ms']:.1f})"
+def _ms(timing: dict, digits: int = 1) -> str:
+  return f"{timing['median_ms']:.{digits}f} (min {timing['min_ms']:.{digits}f})"
 
 
 def forward_rows(args) -> list[dict]:
@@ -100,7 +118,139 @@ def forward_rows(args) -> list[dict]:
   return rows
 
 
-SECTIONS = {"forward": forward_rows}
+NUM_QUERIES, NUM_SLOTS, REAL_TARGETS = 100, 100, (5, 20, 50)
+
+
+def _padded_costs(batch: int, num_real: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """U(0, 1) costs `[B, Q, M]` whose first `num_real` target slots are real, and the `[B, M]` validity mask."""
+  cost = np.random.default_rng(seed).random((batch, NUM_QUERIES, NUM_SLOTS), dtype=np.float32)
+  valid = np.zeros((batch, NUM_SLOTS), bool)
+  valid[:, :num_real] = True
+  return cost, valid
+
+
+def _total_cost(cost: np.ndarray, valid: np.ndarray, query_index: np.ndarray) -> float:
+  """Sum over real target slots of the cost of the query each is matched to (float64)."""
+  batch, slot = np.nonzero(valid)
+  return float(cost.astype(np.float64)[batch, query_index[batch, slot], slot].sum())
+
+
+def _scipy_loop(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
+  query_index = np.full(valid.shape, -1, np.int32)
+  for b in range(len(cost)):
+    real = np.flatnonzero(valid[b])
+    rows, cols = scipy.optimize.linear_sum_assignment(cost[b][:, real])
+    query_index[b, real[cols]] = rows
+  return query_index
+
+
+def matching_rows(args) -> list[dict]:
+  """Matching latency of the four solvers on padded batches, one row per number of real targets."""
+  device = jax.jit(functools.partial(match_queries, backend="device"))
+  host = jax.jit(functools.partial(match_queries, backend="host"))
+  optax_solver = jax.jit(jax.vmap(optax.assignment.hungarian_algorithm))
+  rows = []
+  for num_real in REAL_TARGETS:
+    cost, valid = _padded_costs(args.match_batch, num_real, seed=num_real)
+    padded = np.where(valid[:, None, :], cost, np.float32(2.0))
+    cost_j, valid_j, padded_j = jax.device_put((cost, valid, padded))
+
+    def optax_match():
+      rows_, cols_ = optax_solver(padded_j)
+      return rows_, cols_
+
+    reference = _total_cost(cost, valid, _scipy_loop(cost, valid))
+    opt_rows, opt_cols = jax.device_get(optax_match())
+    # optax pairs every query with a column; keep the pairs that hit real columns.
+    optax_index = np.full(valid.shape, -1, np.int32)
+    for b in range(len(cost)):
+      keep = valid[b, opt_cols[b]]
+      optax_index[b, opt_cols[b][keep]] = opt_rows[b][keep]
+    errors = {name: abs(_total_cost(cost, valid, np.asarray(index)) - reference) for name, index in
+              (("device", device(cost_j, valid_j)), ("host", host(cost_j, valid_j)), ("optax", optax_index))}
+
+    timings = {
+        "device": time_fn(lambda: jax.block_until_ready(device(cost_j, valid_j)), args.repeats, args.warmup),
+        "optax": time_fn(lambda: jax.block_until_ready(optax_match()), args.repeats, args.warmup),
+        "scipy": time_fn(lambda: _scipy_loop(cost, valid), args.repeats, args.warmup),
+        "host": time_fn(lambda: jax.block_until_ready(host(cost_j, valid_j)), args.repeats, args.warmup),
+    }
+    ours = timings["device"]["median_ms"]
+    rows.append({
+        "batch": f"{args.match_batch}x{NUM_QUERIES}x{NUM_SLOTS}", "real targets": num_real,
+        "ours in-graph ms": _ms(timings["device"], 2), "optax ms": _ms(timings["optax"], 2),
+        "scipy loop ms": _ms(timings["scipy"], 2), "ours host callback in jit ms": _ms(timings["host"], 2),
+        "vs optax": f"{timings['optax']['median_ms'] / ours:.1f}x faster",
+        "vs scipy": f"{ours / timings['scipy']['median_ms']:.1f}x slower",
+        "max cost error": f"{max(errors.values()):.1e}",
+        "raw": {"timings": timings, "cost_errors": errors},
+    })
+  return rows
+
+
+def _loss_inputs(batch: int, num_real: int, seed: int, num_classes: int = 150, size: int = 128, layers: int = 6):
+  """Random predictions for `layers` decoder layers and padded targets of rectangles, `num_real` per image."""
+  rng = np.random.default_rng(seed)
+  predictions = [{"pred_logits": rng.standard_normal((batch, NUM_QUERIES, num_classes + 1), dtype=np.float32),
+                  "pred_masks": 2 * rng.standard_normal((batch, NUM_QUERIES, size // 4, size // 4), dtype=np.float32)}
+                 for _ in range(layers)]
+  labels = np.zeros((batch, NUM_SLOTS), np.int32)
+  masks = np.zeros((batch, NUM_SLOTS, size, size), bool)
+  valid = np.zeros((batch, NUM_SLOTS), bool)
+  valid[:, :num_real] = True
+  labels[:, :num_real] = rng.integers(0, num_classes, (batch, num_real))
+  for b, slot in zip(*np.nonzero(valid)):
+    top, left = rng.integers(0, size - 8, 2)
+    height, width = rng.integers(8, size // 2, 2)
+    masks[b, slot, top:top + height, left:left + width] = True
+  outputs = dict(predictions[-1], aux_outputs=predictions[:-1])
+  return outputs, {"labels": labels, "masks": masks, "valid": valid}, num_classes
+
+
+def loss_rows(args) -> list[dict]:
+  """Forward + backward time of the whole loss (6 layers) against transformers' MaskFormerLoss."""
+  rows = []
+  for num_real in REAL_TARGETS:
+    outputs, targets, num_classes = _loss_inputs(args.match_batch, num_real, seed=num_real)
+    timings, values = {}, {}
+    for matcher in ("device", "host"):
+      step = jax.jit(jax.value_and_grad(
+          lambda o, t, m=matcher: maskformer_loss(o, t, num_classes=num_classes, matcher=m)[0]))
+      o, t = jax.device_put((outputs, targets))
+      values[matcher] = float(step(o, t)[0])
+      timings[matcher] = time_fn(lambda: jax.block_until_ready(step(o, t)), args.repeats, args.warmup)
+
+    criterion = MaskFormerLoss(num_labels=num_classes, matcher=MaskFormerHungarianMatcher(1.0, 20.0, 1.0),
+                               weight_dict={}, eos_coef=0.1)
+    valid = targets["valid"]
+    mask_labels = [torch.from_numpy(targets["masks"][b][valid[b]].astype(np.float32)) for b in range(len(valid))]
+    class_labels = [torch.from_numpy(targets["labels"][b][valid[b]].astype(np.int64)) for b in range(len(valid))]
+    weights = {"loss_cross_entropy": 1.0, "loss_mask": 20.0, "loss_dice": 1.0}
+
+    def torch_step():
+      layers = [{k: torch.from_numpy(v).requires_grad_() for k, v in layer.items() if k != "aux_outputs"}
+                for layer in [*outputs["aux_outputs"], outputs]]
+      aux = [{"masks_queries_logits": layer["pred_masks"], "class_queries_logits": layer["pred_logits"]}
+             for layer in layers[:-1]]
+      losses = criterion(layers[-1]["pred_masks"], layers[-1]["pred_logits"], mask_labels, class_labels, aux)
+      total = sum(weights[name.rstrip("_0123456789")] * value for name, value in losses.items())
+      total.backward()
+      return float(total.detach())
+
+    values["transformers"] = torch_step()
+    timings["transformers"] = time_fn(torch_step, args.repeats, args.warmup)
+    rows.append({
+        "batch": f"{args.match_batch}x{NUM_QUERIES}x{NUM_SLOTS}, 128x128, 6 layers", "real targets": num_real,
+        "ours (device matcher) ms": _ms(timings["device"]), "ours (host matcher) ms": _ms(timings["host"]),
+        "transformers ms": _ms(timings["transformers"]),
+        "speed-up (device)": f"{timings['transformers']['median_ms'] / timings['device']['median_ms']:.2f}x",
+        "max loss rel. diff": f"{max(abs(v / values['transformers'] - 1) for v in values.values()):.1e}",
+        "raw": {"timings": timings, "values": values},
+    })
+  return rows
+
+
+SECTIONS = {"forward": forward_rows, "matching": matching_rows, "loss": loss_rows}
 
 
 def _cpu_name() -> str:
@@ -128,10 +278,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--sections", default="forward", help=f"comma-separated, from {sorted(SECTIONS)}")
+  parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {sorted(SECTIONS)}")
   parser.add_argument("--models", default="resnet50,swin_tiny", help=f"comma-separated, from {list(MODELS)}")
   parser.add_argument("--size", type=int, default=512, help=f"square input side, a multiple of {SIZE_DIVISIBILITY}")
-  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=1, help="images per forward pass")
+  parser.add_argument("--match-batch", type=int, default=16, help="images per matching / loss call")
   parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (at least 5)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
   parser.add_argument("--json", help="also write the results to this JSON file")
