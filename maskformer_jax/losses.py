@@ -19,31 +19,48 @@ from maskformer_jax.models.layers import resize_bilinear
 TERMS = ("loss_ce", "loss_mask", "loss_dice")
 
 
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float, gamma: float) -> jax.Array:
-  """Per-mask sigmoid focal loss, mean over pixels: `[..., P]` logits and {0, 1} targets -> `[...]`."""
-  prob = jax.nn.sigmoid(logits)
-  bce = jax.nn.softplus(logits) - logits * targets  # binary cross-entropy with logits
-  p_t = prob * targets + (1 - prob) * (1 - targets)
-  alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
-  return jnp.mean(alpha_t * bce * (1 - p_t) ** gamma, axis=-1)
-
-
-def dice_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-mask dice loss with +1 smoothing: `[..., P]` logits and {0, 1} targets -> `[...]`."""
-  prob = jax.nn.sigmoid(logits)
-  return 1 - (2 * jnp.sum(prob * targets, -1) + 1) / (jnp.sum(prob, -1) + jnp.sum(targets, -1) + 1)
-
-
 # Matched masks are upsampled and scored this many per image at a time, so the work grows with the number of real
 # segments (rounded up to a chunk), not with the padded `max_segments`.
 MASK_CHUNK = 8
 
 
-def _per_mask_losses(logits, targets, focal_alpha, focal_gamma):
-  """`[..., h, w]` mask logits and `[..., H, W]` targets -> per-mask (focal, dice), logits upsampled to H x W."""
-  logits = resize_bilinear(logits, targets.shape[-2:]).reshape(*targets.shape[:-2], -1)
-  targets = targets.reshape(*targets.shape[:-2], -1).astype(jnp.float32)
-  return sigmoid_focal_loss(logits, targets, focal_alpha, focal_gamma), dice_loss(logits, targets)
+def _mask_losses(logits: jax.Array, targets: jax.Array, focal_alpha: float, focal_gamma: float, with_grads: bool
+                 ) -> tuple:
+  """Per-mask sigmoid focal loss (mean over pixels) and dice loss (+1 smoothing), and optionally their gradients.
+
+  Args:
+    logits: float32 `[..., h, w]` mask logits, bilinearly upsampled to the targets' size first.
+    targets: bool or uint8 `[..., H, W]`.
+
+  Returns:
+    `(focal, dice)` `[...]`, plus `(focal_grad, dice_grad)` w.r.t. `logits` `[..., h, w]` if `with_grads`. The
+    gradients are written out because each mask's loss depends on its own logits only, which lets the loss keep a
+    per-mask gradient instead of differentiating through its loop (`matched_mask_losses`).
+  """
+  upsample = functools.partial(resize_bilinear, size=targets.shape[-2:])
+  x = upsample(logits)
+  t = targets.astype(jnp.float32)
+  num_pixels = t.shape[-1] * t.shape[-2]
+  pixels = (-2, -1)
+  prob, softplus = matching.sigmoid_and_softplus(x)
+  bce = softplus - x * t
+  wrong = prob + t - 2 * prob * t  # 1 - p_t, the probability given to the wrong answer
+  alpha_t = (1 - focal_alpha) + (2 * focal_alpha - 1) * t
+  focal = jnp.sum(alpha_t * bce * wrong ** focal_gamma, pixels) / num_pixels
+  numerator = 2 * jnp.sum(prob * t, pixels) + 1
+  denominator = jnp.sum(prob, pixels) + jnp.sum(t, pixels) + 1
+  dice = 1 - numerator / denominator
+  if not with_grads:
+    return focal, dice
+  # d/dx with dp/dx = p (1 - p), d bce/dx = p - t and d wrong/dx = (1 - 2t) p (1 - p).
+  slope = prob * (1 - prob)
+  focal_grad = alpha_t * (prob - t) * wrong ** focal_gamma
+  if focal_gamma:
+    focal_grad += alpha_t * bce * focal_gamma * wrong ** (focal_gamma - 1) * (1 - 2 * t) * slope
+  dice_grad = (numerator[..., None, None] - 2 * t * denominator[..., None, None]) / denominator[..., None, None] ** 2
+  _, upsample_transpose = jax.vjp(upsample, logits)  # linear: the transpose maps pixel gradients back to h x w
+  grads = jax.vmap(lambda g: upsample_transpose(g)[0])(jnp.stack([focal_grad / num_pixels, dice_grad * slope]))
+  return (focal, dice), (grads[0], grads[1])
 
 
 def _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads):
@@ -63,28 +80,25 @@ def _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_gr
   def body(state):
     start = state["chunk"] * chunk
     index = jax.lax.dynamic_slice_in_dim(order, start, chunk, axis=1)  # [B, C]
-    live = (start + jnp.arange(chunk) < count[:, None]).astype(jnp.float32)
-    scatter = live[..., None] * (index[..., None] == slots)  # [B, C, M] one-hot of live chunk entries
+    live = start + jnp.arange(chunk) < count[:, None]
+    scatter = (live[..., None] & (index[..., None] == slots)).astype(jnp.float32)  # [B, C, M]: chunk -> slot
     logits = jnp.take_along_axis(chosen, index[..., None, None], axis=1)
     targets = jnp.take_along_axis(masks, index[..., None, None], axis=1)
-    losses, vjp = jax.vjp(lambda x: _per_mask_losses(x, targets, focal_alpha, focal_gamma), logits)
+    out = _mask_losses(logits, targets, focal_alpha, focal_gamma, with_grads)
+    losses, grads = out if with_grads else (out, ())
     state = dict(state, chunk=state["chunk"] + 1)
     for name, value in zip(("focal", "dice"), losses):
       state[name] = state[name] + jnp.einsum("bc,bcm->bm", value, scatter)
-    if with_grads:  # each slot's loss depends on its own logits only, so one vjp per term gives every slot's gradient
-      zeros = jnp.zeros_like(live)
-      for name, cotangent in (("grad_focal", (live, zeros)), ("grad_dice", (zeros, live))):
-        grad, = vjp(cotangent)
-        state[name] = state[name] + jnp.einsum("bcm,bchw->bmhw", scatter, grad, precision=jax.lax.Precision.HIGHEST)
+    for name, grad in zip(("focal_grad", "dice_grad"), grads):
+      state[name] = state[name] + jnp.einsum("bcm,bchw->bmhw", scatter, grad, precision=jax.lax.Precision.HIGHEST)
     return state
 
   zeros = jnp.zeros_like(valid, jnp.float32)
   state = {"chunk": jnp.int32(0), "focal": zeros, "dice": zeros}
   if with_grads:
-    state.update(grad_focal=jnp.zeros_like(chosen), grad_dice=jnp.zeros_like(chosen))
+    state.update(focal_grad=jnp.zeros_like(chosen), dice_grad=jnp.zeros_like(chosen))
   num_chunks = (jnp.max(count) + chunk - 1) // chunk
-  state = jax.lax.while_loop(lambda s: s["chunk"] < num_chunks, body, state)
-  return state
+  return jax.lax.while_loop(lambda s: s["chunk"] < num_chunks, body, state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -98,8 +112,8 @@ def matched_mask_losses(chosen: jax.Array, masks: jax.Array, valid: jax.Array, f
     valid: bool `[B, M]`.
 
   Returns:
-    `(focal, dice)`, float32 `[B, M]` each, 0 for padded slots. The while loop over real slots cannot be
-    differentiated in reverse mode, so a custom VJP stores each slot's gradient, computed chunk by chunk.
+    `(focal, dice)`, float32 `[B, M]` each, 0 for padded slots. A while loop over the real slots cannot be
+    differentiated in reverse mode, so a custom VJP keeps each slot's gradient, computed chunk by chunk.
   """
   state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=False)
   return state["focal"], state["dice"]
@@ -107,19 +121,16 @@ def matched_mask_losses(chosen: jax.Array, masks: jax.Array, valid: jax.Array, f
 
 def _matched_mask_losses_fwd(chosen, masks, valid, focal_alpha, focal_gamma):
   state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=True)
-  return (state["focal"], state["dice"]), (state["grad_focal"], state["grad_dice"], masks, valid)
+  return (state["focal"], state["dice"]), (state["focal_grad"], state["dice_grad"], masks, valid)
 
 
 def _matched_mask_losses_bwd(focal_alpha, focal_gamma, residuals, cotangents):
-  grad_focal, grad_dice, masks, valid = residuals
+  del focal_alpha, focal_gamma  # baked into the stored gradients
+  focal_grad, dice_grad, masks, valid = residuals
   focal_cotangent, dice_cotangent = cotangents
-  grad = focal_cotangent[..., None, None] * grad_focal + dice_cotangent[..., None, None] * grad_dice
-  return grad, _zero_cotangent(masks), _zero_cotangent(valid)
-
-
-def _zero_cotangent(x: jax.Array) -> jax.Array:
-  """The zero cotangent of a non-differentiable (integer or bool) input."""
-  return np.zeros(x.shape, jax.dtypes.float0)
+  grad = focal_cotangent[..., None, None] * focal_grad + dice_cotangent[..., None, None] * dice_grad
+  # masks and valid are integer or bool: their cotangents are the float0 zeros JAX expects.
+  return grad, np.zeros(masks.shape, jax.dtypes.float0), np.zeros(valid.shape, jax.dtypes.float0)
 
 
 matched_mask_losses.defvjp(_matched_mask_losses_fwd, _matched_mask_losses_bwd)
