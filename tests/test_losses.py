@@ -1,0 +1,215 @@
+"""maskformer_loss against transformers' MaskFormerLoss, finite differences and an autodiff statement of the terms."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher, MaskFormerLoss
+
+from maskformer_jax.losses import maskformer_loss
+from maskformer_jax.matching import match_queries, matching_cost
+
+NUM_CLASSES, NUM_QUERIES, NUM_SLOTS, SIZE = 5, 10, 6, 32
+WEIGHTS = {"loss_ce": 1.0, "loss_mask": 20.0, "loss_dice": 1.0}
+TRANSFORMERS_NAMES = {"loss_ce": "loss_cross_entropy", "loss_mask": "loss_mask", "loss_dice": "loss_dice"}
+
+
+def split_name(name: str) -> tuple[str, str]:
+  """'loss_ce_3' -> ('loss_ce', '_3'); 'loss_dice' -> ('loss_dice', '')."""
+  base = name.rstrip("_0123456789")
+  return base, name[len(base):]
+
+
+def make_predictions(rng, batch: int, num_layers: int, size: int = SIZE) -> dict:
+  """Model-like outputs: the last of `num_layers` decoder layers plus the others as aux outputs."""
+  layers = [{"pred_logits": 2 * rng.standard_normal((batch, NUM_QUERIES, NUM_CLASSES + 1)).astype(np.float32),
+             "pred_masks": 2 * rng.standard_normal((batch, NUM_QUERIES, size // 4, size // 4)).astype(np.float32)}
+            for _ in range(num_layers)]
+  return dict(layers[-1], aux_outputs=layers[:-1])
+
+
+def make_targets(rng, counts, size: int = SIZE, garbage: bool = False) -> dict:
+  """Padded targets with `counts[b]` rectangles in random (non-prefix) slots; padded slots hold zeros, or random
+  labels and masks with `garbage=True`."""
+  batch = len(counts)
+  labels = np.zeros((batch, NUM_SLOTS), np.int32)
+  masks = np.zeros((batch, NUM_SLOTS, size, size), bool)
+  valid = np.zeros((batch, NUM_SLOTS), bool)
+  for b, count in enumerate(counts):
+    for slot in rng.permutation(NUM_SLOTS)[:count]:
+      valid[b, slot] = True
+      labels[b, slot] = rng.integers(NUM_CLASSES)
+      top, left = rng.integers(0, size - 4, 2)
+      masks[b, slot, top:top + rng.integers(3, size // 2), left:left + rng.integers(3, size // 2)] = True
+  if garbage:
+    labels = np.where(valid, labels, rng.integers(-50, 50, labels.shape)).astype(np.int32)
+    masks = np.where(valid[..., None, None], masks, rng.random(masks.shape) < 0.5)
+  return {"labels": labels, "masks": masks, "valid": valid}
+
+
+def transformers_loss(outputs: dict, targets: dict) -> dict:
+  """transformers' MaskFormerLoss on the real segments of each image (weights 1 / 20 / 1, no-object 0.1)."""
+  criterion = MaskFormerLoss(num_labels=NUM_CLASSES, matcher=MaskFormerHungarianMatcher(1.0, 20.0, 1.0),
+                             weight_dict={}, eos_coef=0.1)
+  valid = targets["valid"]
+  mask_labels = [torch.from_numpy(targets["masks"][b][valid[b]].astype(np.float32)) for b in range(len(valid))]
+  class_labels = [torch.from_numpy(targets["labels"][b][valid[b]].astype(np.int64)) for b in range(len(valid))]
+  aux = [{"masks_queries_logits": torch.from_numpy(a["pred_masks"]),
+          "class_queries_logits": torch.from_numpy(a["pred_logits"])} for a in outputs["aux_outputs"]]
+  with torch.no_grad():
+    losses = criterion(torch.from_numpy(outputs["pred_masks"]), torch.from_numpy(outputs["pred_logits"]),
+                       mask_labels, class_labels, aux or None)
+  return {name: float(value) for name, value in losses.items()}
+
+
+def ours(outputs, targets, matcher="device") -> tuple[float, dict]:
+  total, terms = jax.jit(lambda o, t: maskformer_loss(o, t, num_classes=NUM_CLASSES, matcher=matcher))(
+      outputs, targets)
+  return float(total), {name: float(value) for name, value in terms.items()}
+
+
+@pytest.mark.parametrize("matcher", ["device", "host"])
+@pytest.mark.parametrize("num_aux", [0, 3])
+@pytest.mark.parametrize("counts", [(1, 4, 6), (0, 3, 2)], ids=["full_slots", "empty_image"])
+def test_terms_equal_transformers(matcher, num_aux, counts):
+  rng = np.random.default_rng(len(counts) * 10 + sum(counts) + num_aux)
+  outputs = make_predictions(rng, len(counts), num_aux + 1)
+  targets = make_targets(rng, counts)
+  total, terms = ours(outputs, targets, matcher)
+  theirs = transformers_loss(outputs, targets)
+
+  suffixes = ["", *(f"_{i}" for i in range(num_aux))]
+  assert set(terms) == {name + suffix for name in WEIGHTS for suffix in suffixes}
+  expected_total = 0.0
+  for name, value in terms.items():
+    base, suffix = split_name(name)
+    reference = theirs[TRANSFORMERS_NAMES[base] + suffix]
+    np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-7, err_msg=name)
+    expected_total += WEIGHTS[base] * reference
+  np.testing.assert_allclose(total, expected_total, rtol=1e-4)
+
+
+def test_padded_slots_do_not_matter():
+  rng = np.random.default_rng(3)
+  outputs = make_predictions(rng, 3, 2)
+  clean = make_targets(np.random.default_rng(4), (2, 0, 5))
+  garbage = make_targets(np.random.default_rng(4), (2, 0, 5), garbage=True)
+  assert not np.array_equal(clean["masks"], garbage["masks"])
+  assert ours(outputs, clean) == ours(outputs, garbage)
+
+
+def test_jit_equals_eager():
+  rng = np.random.default_rng(5)
+  outputs, targets = make_predictions(rng, 2, 2), make_targets(rng, (3, 1))
+  eager_total, eager_terms = maskformer_loss(outputs, targets, num_classes=NUM_CLASSES)
+  total, terms = ours(outputs, targets)
+  np.testing.assert_allclose(float(eager_total), total, rtol=1e-6)
+  for name, value in terms.items():
+    np.testing.assert_allclose(float(eager_terms[name]), value, rtol=1e-6, err_msg=name)
+
+
+def reference_terms(pred_logits, pred_masks, query_index, targets) -> dict:
+  """The three terms written plainly with jax.image.resize and jax.nn, given a matching, for autodiff."""
+  labels, masks, valid = targets["labels"], targets["masks"].astype(jnp.float32), targets["valid"]
+  batch, num_queries = pred_logits.shape[:2]
+  target_class = jnp.full((batch, num_queries), NUM_CLASSES)
+  for b in range(batch):
+    for m in range(NUM_SLOTS):
+      if valid[b, m]:
+        target_class = target_class.at[b, query_index[b, m]].set(labels[b, m])
+  weight = jnp.where(target_class == NUM_CLASSES, 0.1, 1.0)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(pred_logits), target_class[..., None], -1)[..., 0]
+  chosen = jnp.take_along_axis(pred_masks, jnp.maximum(query_index, 0)[..., None, None], axis=1)
+  # jax.image.resize's linear upsampling uses the same half-pixel rule as PyTorch's align_corners=False.
+  x = jax.image.resize(chosen, chosen.shape[:2] + masks.shape[-2:], "linear")
+  p = jax.nn.sigmoid(x)
+  ce = -(masks * jnp.log(p) + (1 - masks) * jnp.log(1 - p))
+  p_t = p * masks + (1 - p) * (1 - masks)
+  focal = jnp.mean((0.25 * masks + 0.75 * (1 - masks)) * ce * (1 - p_t) ** 2, axis=(-2, -1))
+  dice = 1 - (2 * jnp.sum(p * masks, (-2, -1)) + 1) / (jnp.sum(p, (-2, -1)) + jnp.sum(masks, (-2, -1)) + 1)
+  num_masks = max(valid.sum(), 1)
+  return {"loss_ce": jnp.sum(weight * nll) / jnp.sum(weight),
+          "loss_mask": jnp.sum(jnp.where(valid, focal, 0)) / num_masks,
+          "loss_dice": jnp.sum(jnp.where(valid, dice, 0)) / num_masks}
+
+
+def test_gradient_equals_autodiff_of_plain_terms():
+  """The custom VJP of the chunked mask terms against autodiff of the same terms written plainly, for the same
+  matching, with more real segments per image than one chunk holds."""
+  rng = np.random.default_rng(6)
+  outputs = make_predictions(rng, 2, 1, size=16)
+  outputs.pop("aux_outputs")
+  targets = make_targets(rng, (NUM_SLOTS, 0), size=16)
+  cost = matching_cost(outputs["pred_logits"], outputs["pred_masks"], targets["labels"], targets["masks"],
+                       targets["valid"])
+  query_index = np.asarray(match_queries(cost, targets["valid"]))
+
+  def plain(logits, masks):
+    terms = reference_terms(logits, masks, query_index, targets)
+    return sum(WEIGHTS[k] * v for k, v in terms.items())
+
+  def ours_total(logits, masks):
+    return maskformer_loss({"pred_logits": logits, "pred_masks": masks}, targets, num_classes=NUM_CLASSES)[0]
+
+  args = (outputs["pred_logits"], outputs["pred_masks"])
+  np.testing.assert_allclose(float(ours_total(*args)), float(plain(*args)), rtol=1e-5)
+  for got, want in zip(jax.jit(jax.grad(ours_total, (0, 1)))(*args), jax.grad(plain, (0, 1))(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_matches_finite_differences():
+  """Directional derivatives of the total (matching held fixed by small steps) against central differences."""
+  rng = np.random.default_rng(7)
+  outputs = make_predictions(rng, 2, 2, size=16)
+  targets = make_targets(rng, (3, 0), size=16)  # includes an image with no segment
+
+  def total(o):
+    return maskformer_loss(o, targets, num_classes=NUM_CLASSES)[0]
+
+  grad = jax.jit(jax.grad(total))(outputs)
+  f = jax.jit(total)
+  for seed in range(3):
+    direction = jax.tree.map(lambda x: np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32),
+                             outputs)
+    eps = 1e-2
+    plus = jax.tree.map(lambda x, d: x + eps * d, outputs, direction)
+    minus = jax.tree.map(lambda x, d: x - eps * d, outputs, direction)
+    numeric = (float(f(plus)) - float(f(minus))) / (2 * eps)
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
+    assert np.isfinite(analytic)
+    np.testing.assert_allclose(analytic, numeric, rtol=2e-3)
+
+
+def test_images_without_segments_push_every_query_to_no_object():
+  rng = np.random.default_rng(8)
+  outputs = make_predictions(rng, 2, 2)
+  targets = make_targets(rng, (0, 0))
+  (total, terms), grad = jax.value_and_grad(
+      lambda o: maskformer_loss(o, targets, num_classes=NUM_CLASSES), has_aux=True)(outputs)
+  assert np.isfinite(float(total))
+  for name, value in terms.items():
+    if not name.startswith("loss_ce"):
+      assert float(value) == 0.0, name
+  for layer in [grad, *grad["aux_outputs"]]:
+    assert np.all(np.asarray(layer["pred_logits"])[..., NUM_CLASSES] < 0)  # raising no-object lowers the loss
+    assert np.all(np.asarray(layer["pred_masks"]) == 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: dict(t, labels=np.where(t["valid"], NUM_CLASSES, 0).astype(np.int32)), "num_classes is 5"),
+    (lambda t: dict(t, masks=t["masks"].astype(np.float32)), "bool or uint8"),
+    (lambda t: {k: v for k, v in t.items() if k != "valid"}, "missing \\['valid'\\]"),
+    (lambda t: dict(t, valid=t["valid"][:, :3]), "labels \\[B, M\\]"),
+])
+def test_bad_targets_name_the_problem(change, message):
+  rng = np.random.default_rng(9)
+  outputs, targets = make_predictions(rng, 2, 1), make_targets(rng, (2, 1))
+  with pytest.raises(ValueError, match=message):
+    maskformer_loss(outputs, change(targets), num_classes=NUM_CLASSES)
+
+
+def test_wrong_number_of_classes():
+  rng = np.random.default_rng(10)
+  outputs, targets = make_predictions(rng, 2, 1), make_targets(rng, (2, 1))
+  with pytest.raises(ValueError, match="num_classes \\+ 1"):
+    maskformer_loss(outputs, targets, num_classes=NUM_CLASSES + 1)
