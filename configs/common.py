@@ -57,6 +57,7 @@ def pretrained_backbone(backbone: ConfigDict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 def loss_config() -> ConfigDict:
+  """Keyword arguments of `maskformer_jax.losses.maskformer_loss`, one for one."""
   return ConfigDict(dict(
       # Weights of the three terms, used both as matching costs and as loss weights.
       class_weight=1.0,
@@ -65,7 +66,8 @@ def loss_config() -> ConfigDict:
       no_object_weight=0.1,  # CE weight of the "no object" class (real classes get 1.0)
       focal_alpha=0.25,
       focal_gamma=2.0,
-      # Where the Hungarian matching runs: 'host' (scipy on CPU, as MaskFormer) or 'device' (in JAX).
+      # Where the Hungarian matching runs: 'host' (scipy through a callback, as MaskFormer; best on CPU and GPU)
+      # or 'device' (the exact in-graph solver; best on TPU, where a host round trip is costly).
       matcher='host',
   ))
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher, MaskFormerLoss
 
+from configs import ade20k_r50
 from maskformer_jax.losses import maskformer_loss
 from maskformer_jax.matching import match_queries, matching_cost
 
@@ -213,3 +214,10 @@ def test_wrong_number_of_classes():
   outputs, targets = make_predictions(rng, 2, 1), make_targets(rng, (2, 1))
   with pytest.raises(ValueError, match="num_classes \\+ 1"):
     maskformer_loss(outputs, targets, num_classes=NUM_CLASSES + 1)
+
+
+def test_config_loss_section_is_the_keyword_arguments():
+  rng = np.random.default_rng(11)
+  outputs, targets = make_predictions(rng, 2, 2), make_targets(rng, (2, 1))
+  total, _ = maskformer_loss(outputs, targets, num_classes=NUM_CLASSES, **ade20k_r50.get_config().loss)
+  np.testing.assert_allclose(float(total), ours(outputs, targets)[0], rtol=1e-6)
