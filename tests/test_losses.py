@@ -13,6 +13,10 @@ from maskformer_jax.matching import match_queries, matching_cost
 NUM_CLASSES, NUM_QUERIES, NUM_SLOTS, SIZE = 5, 10, 6, 32
 WEIGHTS = {"loss_ce": 1.0, "loss_mask": 20.0, "loss_dice": 1.0}
 TRANSFORMERS_NAMES = {"loss_ce": "loss_cross_entropy", "loss_mask": "loss_mask", "loss_dice": "loss_dice"}
+# One jitted loss for the whole file: tests with the same shapes and options share its compilation cache.
+jitted_loss = jax.jit(maskformer_loss, static_argnames=(
+    "num_classes", "class_weight", "mask_weight", "dice_weight", "no_object_weight", "focal_alpha", "focal_gamma",
+    "matcher"))
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -63,10 +67,19 @@ def transformers_loss(outputs: dict, targets: dict) -> dict:
   return {name: float(value) for name, value in losses.items()}
 
 
-def ours(outputs, targets, matcher="device") -> tuple[float, dict]:
-  total, terms = jax.jit(lambda o, t: maskformer_loss(o, t, num_classes=NUM_CLASSES, matcher=matcher))(
-      outputs, targets)
+def ours(outputs, targets, matcher="device", **options) -> tuple[float, dict]:
+  total, terms = jitted_loss(outputs, targets, num_classes=NUM_CLASSES, matcher=matcher, **options)
   return float(total), {name: float(value) for name, value in terms.items()}
+
+
+@jax.jit
+def layer_matchings(outputs, targets) -> jax.Array:
+  """The query matched to each target slot `[L, B, M]`, for every layer (aux first), as the loss matches them."""
+  def match(layer):
+    cost = matching_cost(layer["pred_logits"], layer["pred_masks"], targets["labels"], targets["masks"],
+                         targets["valid"])
+    return match_queries(cost, targets["valid"])
+  return jnp.stack([match(layer) for layer in [*outputs["aux_outputs"], outputs]])
 
 
 @pytest.mark.parametrize("matcher", ["device", "host"])
@@ -141,9 +154,7 @@ def test_gradient_equals_autodiff_of_plain_terms():
   outputs = make_predictions(rng, 2, 1, size=16)
   outputs.pop("aux_outputs")
   targets = make_targets(rng, (NUM_SLOTS, 0), size=16)
-  cost = matching_cost(outputs["pred_logits"], outputs["pred_masks"], targets["labels"], targets["masks"],
-                       targets["valid"])
-  query_index = np.asarray(match_queries(cost, targets["valid"]))
+  query_index = np.asarray(layer_matchings(dict(outputs, aux_outputs=[]), targets)[0])
 
   def plain(logits, masks):
     terms = reference_terms(logits, masks, query_index, targets)
@@ -153,13 +164,14 @@ def test_gradient_equals_autodiff_of_plain_terms():
     return maskformer_loss({"pred_logits": logits, "pred_masks": masks}, targets, num_classes=NUM_CLASSES)[0]
 
   args = (outputs["pred_logits"], outputs["pred_masks"])
-  np.testing.assert_allclose(float(ours_total(*args)), float(plain(*args)), rtol=1e-5)
-  for got, want in zip(jax.jit(jax.grad(ours_total, (0, 1)))(*args), jax.grad(plain, (0, 1))(*args)):
+  np.testing.assert_allclose(float(jax.jit(ours_total)(*args)), float(plain(*args)), rtol=1e-5)
+  for got, want in zip(jax.jit(jax.grad(ours_total, (0, 1)))(*args), jax.jit(jax.grad(plain, (0, 1)))(*args)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_gradient_matches_finite_differences():
-  """Directional derivatives of the total (matching held fixed by small steps) against central differences."""
+  """Directional derivatives of the total against central differences, in float32: the loss computes in float32
+  even under x64. The loss is smooth only while the matching stays put, so each step is checked not to move it."""
   rng = np.random.default_rng(7)
   outputs = make_predictions(rng, 2, 2, size=16)
   targets = make_targets(rng, (3, 0), size=16)  # includes an image with no segment
@@ -168,16 +180,21 @@ def test_gradient_matches_finite_differences():
     return maskformer_loss(o, targets, num_classes=NUM_CLASSES)[0]
 
   grad = jax.jit(jax.grad(total))(outputs)
+  for leaf in jax.tree.leaves(grad):
+    assert np.all(np.isfinite(leaf))
   f = jax.jit(total)
+  matching = np.asarray(layer_matchings(outputs, targets))
+  assert np.all(matching[:, 0][:, targets["valid"][0]] >= 0) and np.all(matching[:, 1] == -1)
   for seed in range(3):
     direction = jax.tree.map(lambda x: np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32),
                              outputs)
     eps = 1e-2
     plus = jax.tree.map(lambda x, d: x + eps * d, outputs, direction)
     minus = jax.tree.map(lambda x, d: x - eps * d, outputs, direction)
+    for moved in (plus, minus):
+      np.testing.assert_array_equal(layer_matchings(moved, targets), matching)
     numeric = (float(f(plus)) - float(f(minus))) / (2 * eps)
     analytic = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grad), jax.tree.leaves(direction)))
-    assert np.isfinite(analytic)
     np.testing.assert_allclose(analytic, numeric, rtol=2e-3)
 
 
@@ -185,8 +202,8 @@ def test_images_without_segments_push_every_query_to_no_object():
   rng = np.random.default_rng(8)
   outputs = make_predictions(rng, 2, 2)
   targets = make_targets(rng, (0, 0))
-  (total, terms), grad = jax.value_and_grad(
-      lambda o: maskformer_loss(o, targets, num_classes=NUM_CLASSES), has_aux=True)(outputs)
+  (total, terms), grad = jax.jit(jax.value_and_grad(
+      lambda o: maskformer_loss(o, targets, num_classes=NUM_CLASSES), has_aux=True))(outputs)
   assert np.isfinite(float(total))
   for name, value in terms.items():
     if not name.startswith("loss_ce"):
@@ -219,5 +236,5 @@ def test_wrong_number_of_classes():
 def test_config_loss_section_is_the_keyword_arguments():
   rng = np.random.default_rng(11)
   outputs, targets = make_predictions(rng, 2, 2), make_targets(rng, (2, 1))
-  total, _ = maskformer_loss(outputs, targets, num_classes=NUM_CLASSES, **ade20k_r50.get_config().loss)
-  np.testing.assert_allclose(float(total), ours(outputs, targets)[0], rtol=1e-6)
+  total, _ = ours(outputs, targets, **ade20k_r50.get_config().loss)
+  np.testing.assert_allclose(total, ours(outputs, targets)[0], rtol=1e-6)
