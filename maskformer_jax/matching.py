@@ -176,7 +176,8 @@ def match_queries(cost: jax.Array, valid: jax.Array, *, backend: str = "device")
     backend: 'device' runs the exact in-graph solver (`linear_sum_assignment`'s core), whose work grows with the
       number of real targets (for TPUs); 'host' runs scipy through `jax.pure_callback` (for CPUs and GPUs). Both
       give assignments of equal (minimal) cost. When a mesh is set (`jax.set_mesh`), either runs inside
-      `jax.shard_map` over the batch's mesh axes, so each device solves its own part of the batch.
+      `jax.shard_map` over the batch's mesh axes, so each device solves its own part of the batch
+      (when the batch splits evenly over them).
 
   Returns:
     `query_index` int32 `[B, M]`: the query matched to each real target slot, -1 for padded slots. No gradient.
@@ -192,7 +193,8 @@ def match_queries(cost: jax.Array, valid: jax.Array, *, backend: str = "device")
   solve = _SOLVERS[backend]
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh.empty else _batch_axes(cost, mesh)
-  if not axes:
+  # A batch the axes cannot split evenly (e.g. one image at a time under vmap) is solved whole.
+  if not axes or cost.shape[0] % int(np.prod([mesh.shape[axis] for axis in axes])):
     return solve(cost, valid)
   spec = jax.P(axes)
   # check_vma=False: the solver's loop state starts from constants, which the varying-axes check would reject.
