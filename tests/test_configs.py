@@ -14,6 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the config files import `configs.common`, as the scripts arrange
 
 CONFIG_FILES = sorted(p.name for p in (REPO / 'configs').glob('*.py') if p.name not in ('common.py', '__init__.py'))
+# The paper's settings; shapes_swin_mini.py is the built-in dataset's scaled-down recipe.
+PAPER_CONFIG_FILES = [name for name in CONFIG_FILES if not name.startswith('shapes_')]
 
 
 def load(name, *overrides):
@@ -47,7 +49,7 @@ SOLVER = dict(optimizer=str, base_lr=float, weight_decay=float, weight_decay_nor
               checkpoint_every=int, keep_checkpoints=int, log_every=int, eval_every=int)
 DATA = dict(dataset=str, task=str, num_classes=int, ignore_label=int, crop_size=tuple, crop_type=str,
             min_size_train=tuple, max_size_train=int, color_aug_ssd=bool, random_flip=bool, size_divisibility=int,
-            image_pad_value=int, max_segments=int, train_image_size=tuple, shuffle_buffer=int, seed=int)
+            image_pad_value=int, max_segments=int, train_image_size=tuple, shuffle_buffer=int, seed=int, data_dir=str)
 TEST = dict(min_size_test=int, max_size_test=int, semantic_on=bool, panoptic_on=bool, instance_on=bool,
             object_mask_threshold=float, overlap_threshold=float, detections_per_image=int)
 TTA = dict(enabled=bool, min_sizes=tuple, max_size=int, flip=bool)
@@ -56,7 +58,7 @@ TTA = dict(enabled=bool, min_sizes=tuple, max_size=int, flip=bool)
 def test_all_settings_present():
   expected = [f'ade20k_{b}.py' for b in ('r50', 'r101', 'swin_tiny', 'swin_small', 'swin_base', 'swin_large')]
   expected += [f'coco_panoptic_{b}.py' for b in ('r50', 'r101', 'swin_tiny', 'swin_small', 'swin_base', 'swin_large')]
-  expected += ['cityscapes_r101.py']
+  expected += ['cityscapes_r101.py', 'shapes_swin_mini.py']
   assert sorted(expected) == CONFIG_FILES
 
 
@@ -101,7 +103,7 @@ def test_schema(name):
   assert 'Expected:' in doc
 
 
-@pytest.mark.parametrize('name', CONFIG_FILES)
+@pytest.mark.parametrize('name', PAPER_CONFIG_FILES)
 def test_family_values(name):
   config = load(name)
   solver, data, model = config.solver, config.data, config.model
@@ -161,6 +163,15 @@ def test_spot_values():
   city = load('cityscapes_r101.py')
   assert city.test.aug.min_sizes == (512, 768, 1024, 1280, 1536, 1792) and city.test.aug.max_size == 4096
   assert (city.test.min_size_test, city.test.max_size_test, city.data.size_divisibility) == (1024, 2048, -1)
+
+
+def test_built_in_dataset_recipe():
+  shapes = load('shapes_swin_mini.py')
+  assert shapes.data.dataset == 'maskformer_shapes' and shapes.data.task == 'panoptic'
+  assert shapes.model.num_classes == shapes.data.num_classes == 8  # 5 thing and 3 stuff classes
+  assert shapes.data.max_segments <= shapes.model.num_queries  # every target can have its own query
+  assert shapes.pretrained_backbone == ''  # trained from scratch: nothing to download
+  assert shapes.model.backbone.name == 'swin' and shapes.data.crop_size == shapes.data.train_image_size
 
 
 def test_overrides():
