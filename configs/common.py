@@ -268,7 +268,7 @@ def shapes_config() -> ConfigDict:
                              mlp_ratio=4.0, drop_path_rate=0.0, patch_size=4, pretrain_img_size=64))
   pixel_decoder = fpn_pixel_decoder(conv_dim=64, mask_dim=64)
   pixel_decoder.num_groups = 8
-  solver = solver_config(backbone, batch_size=16, max_steps=1500, lr_schedule='poly', eval_every=500)
+  solver = solver_config(backbone, batch_size=16, max_steps=3000, lr_schedule='poly', eval_every=1000)
   # From scratch and short: a higher LR and a short warmup instead of Swin's 1500 steps from 1e-6.
   solver.update(dict(base_lr=5e-4, warmup_steps=50, warmup_factor=0.01, checkpoint_every=100, log_every=10))
   return full_config(

@@ -1,12 +1,13 @@
 """MaskFormer, a scaled-down Swin, on the built-in procedural panoptic dataset (`maskformer_shapes`).
 
-Builds the dataset on first use (seconds, nothing downloaded), then trains for 1,500 steps at batch 16 on 64x64
+Builds the dataset on first use (seconds, nothing downloaded), then trains for 3,000 steps at batch 16 on 64x64
 images: about ten minutes on two CPU cores.
 
 Train:
-  python scripts/train.py --config=configs/shapes_swin_mini.py --workdir=/tmp/shapes
+  python scripts/train.py --config=configs/shapes_swin_mini.py --workdir=workdirs/shapes
 
-Expected: the training loss falls from about 40 to well below 10 (see the README for the measured curve).
+Expected: the training loss falls from about 35 at the first step to about 4.7 (mean of the last 100 steps), the
+validation loss ends near 4.4 (see the README for the measured run).
 """
 
 from configs import common

@@ -255,7 +255,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, solver.max_steps + 1):
       state, step_metrics = train_step(state, sharding.global_batch(next(batches), batch_sharding))
-      if step % solver.log_every == 0 or step == solver.max_steps:
+      # The first step is logged too: its loss is where training starts (its rate includes compilation).
+      if step % solver.log_every == 0 or step in (start_step + 1, solver.max_steps):
         metrics = jax.device_get(step_metrics)  # waits for the step, so the rate below covers whole steps
         now = time.perf_counter()
         metrics["images_per_second"] = (step - last_log) * solver.batch_size / (now - last_time)

@@ -1,6 +1,6 @@
 """Trains MaskFormer: `--config=configs/<file>.py`, `--config.a.b=value` overrides, `--workdir`.
 
-  python scripts/train.py --config=configs/shapes_swin_mini.py --workdir=/tmp/shapes
+  python scripts/train.py --config=configs/shapes_swin_mini.py --workdir=workdirs/shapes
   python scripts/train.py --config=configs/ade20k_r50.py --workdir=/tmp/ade --config.solver.batch_size=32
 
 Running the same command again resumes from the latest checkpoint in --workdir. For several processes (hosts, or

@@ -137,12 +137,27 @@ SHARDED_STEP = textwrap.dedent("""
   np.testing.assert_allclose(loss_8, loss_1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(params_8), jax.tree.leaves(params_1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+  # A checkpoint saved from the 8-device mesh restores onto a 2-device one.
+  checkpoints = train.Checkpoints(sys.argv[2], config)
+  checkpoints.save(1, new_state)
+  checkpoints.close()
+  two = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  init_state, _ = train.train_state_initializer(config, model)
+  restored = train.Checkpoints(sys.argv[2], config).restore_latest(jax.eval_shape(init_state),
+                                                                   sharding.replicated(two))
+  assert int(restored.step) == 1
+  for leaf in jax.tree.leaves(restored):
+    assert leaf.sharding.device_set == set(jax.devices()[:2])
+  for a, b in zip(jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(params_8)):
+    np.testing.assert_array_equal(a, b)
   print("OK", float(loss_1), float(loss_8))
 """)
 
 
-def test_eight_devices_train_like_one():
-  result = subprocess.run([sys.executable, "-c", SHARDED_STEP, REPO_ROOT], capture_output=True, text=True,
+def test_eight_devices_train_like_one_and_checkpoints_move_between_meshes(tmp_path):
+  result = subprocess.run([sys.executable, "-c", SHARDED_STEP, REPO_ROOT, str(tmp_path / "run")],
+                          capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8"), timeout=600)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
