@@ -1,7 +1,9 @@
 """Benchmarks maskformer-jax against transformers' PyTorch MaskFormer on the same CPU, side by side in one run.
 
-    .venv/bin/python scripts/benchmark.py [--sections=forward,matching,loss] [--models=resnet50,swin_tiny]
-        [--size=512] [--batch=1] [--match-batch=16] [--repeats=7] [--warmup=2] [--json=PATH]
+    .venv/bin/python scripts/benchmark.py [--sections=forward,matching,loss,train_step,pipeline]
+        [--models=resnet50,swin_tiny] [--size=512] [--batch=1] [--match-batch=16] [--repeats=7] [--warmup=2]
+        [--train-batch=2] [--train-repeats=5] [--train-warmup=2]
+        [--pipeline-batch=16] [--pipeline-batches=20] [--pipeline-warmup=3] [--json=PATH]
 
 Sections:
   forward: eval-mode forward latency (ms) of `jax.jit` of our model returning `pred_logits` and `pred_masks`
@@ -26,6 +28,34 @@ Sections:
     layers (5 auxiliary), `--match-batch` images, 100 queries, 150 classes, 100 target slots with 5, 20 or 50
     real, 128x128 targets (32x32 mask logits). Ours: `jax.jit(jax.value_and_grad(maskformer_loss))` with either
     matcher; theirs: transformers' `MaskFormerLoss` forward + backward on the same predictions and targets.
+  train_step: training-step throughput (images/s, and ms per step) of the ADE20K ResNet-50 recipe
+    (`configs/ade20k_r50.py`: 150 classes, 100 queries, 6 decoder layers with deep supervision, dropout 0.1),
+    `--train-batch` (2) images of `--size` (512) squared per step. Both sides get the same seeded random normalised
+    images (NHWC for JAX, NCHW for torch) and the same targets: per image 10 blob masks partitioning it (a
+    weighted Voronoi partition, like a semantic map) with distinct random classes, padded for us to
+    `data.max_segments` (100) slots with `valid`. Ours: `jax.jit(train.make_train_step(model, tx, config))` with
+    the state of `train.create_train_state` donated, as the trainer does: train-mode forward, `maskformer_loss`
+    with `config.loss` as configured (matcher 'host'), backward, clipping and AdamW. Theirs: transformers'
+    `MaskFormerForInstanceSegmentation` (ResNet-50, same sizes) in train mode, given `mask_labels`/`class_labels`
+    so that it computes its own Hungarian-matched loss, with `use_auxiliary_loss=True` (it then scores 7 sets of
+    predictions, the decoder input too, against our 6), backward, `clip_grad_norm_` to `solver.clip_norm` and a
+    `torch.optim.AdamW` step (lr 1e-4, backbone x0.1, weight decay 1e-4); its ResNet batch norms are frozen like
+    ours and Detectron2's (eval statistics, no gradient to their affine). Weights differ (our seeded init, the
+    random HF model of tests/hf_reference.py): irrelevant to throughput. Both sides see the batch already in
+    memory (no input pipeline). Median (and min) of `--train-repeats` (5) steps after `--train-warmup` (2);
+    images/s is batch / median step time. JAX compilation is excluded and reported separately. About 3 minutes
+    at the defaults on 2 cores.
+  pipeline: input pipeline throughput (images/s) of `pipeline.train_batches` with the ADE20K recipe's data config
+    (task semantic; short side a random choice of 256..1024, long side at most 2048, crop 512x512, SSD colour
+    jitter, flip; targets padded to 100 masks) on an in-memory `tf.data.Dataset` of 64 distinct synthetic
+    ADE-like examples with TFDS coco/2017_panoptic's features (built as tests/test_pipeline.py does): a 512x683
+    JPEG of 15-25 textured blobs and its panoptic PNG, repeated (and reshuffled) endlessly. Batches of
+    `--pipeline-batch` (16) come out as numpy, as the trainer reads them; `--pipeline-warmup` (3) batches are
+    drawn untimed (tracing, autotuning), then `--pipeline-batches` (20) are timed: images/s is their images over
+    their total time (prefetched work left over from warm-up adds at most about one batch). With `train_step`
+    earlier in the same run the table gives the ratio to our step's images/s: the pipeline must outrun the step it
+    feeds. Both are measured alone on all cores; in training they share them. At another `--size` both sections
+    use the same recipe at that crop size (images (size, 4/3 size)). About a minute at the defaults.
 
 Prints a markdown table; `--json=PATH` also writes the rows and the environment as JSON. Timings are only
 meaningful on an otherwise idle machine (the header shows the load average). `XLA_FLAGS` from the environment
@@ -45,17 +75,22 @@ import jax
 import numpy as np
 import optax
 import scipy.optimize
+import tensorflow as tf
 import torch
 import transformers
 from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher, MaskFormerLoss
 
+from maskformer_jax import train
 from maskformer_jax.convert.hf import load_hf_checkpoint
+from maskformer_jax.data import pipeline
 from maskformer_jax.losses import maskformer_loss
 from maskformer_jax.matching import match_queries
 from maskformer_jax.models import SIZE_DIVISIBILITY, build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-from hf_reference import make_hf_model  # pylint: disable=wrong-import-position
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # for `configs` and `hf_reference`
+from configs import ade20k_r50, common  # noqa: E402  pylint: disable=wrong-import-position
+from hf_reference import make_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
 MODELS = ("resnet50", "swin_tiny")
 
@@ -254,7 +289,192 @@ def loss_rows(args) -> list[dict]:
   return rows
 
 
-SECTIONS = {"forward": forward_rows, "matching": matching_rows, "loss": loss_rows}
+TRAIN_SEGMENTS = 10  # real segments per image in the train_step section
+
+
+def _ade20k_config(size: int):
+  """configs/ade20k_r50.py's config; at another `--size`, the same recipe with that crop size."""
+  return ade20k_r50.get_config() if size == 512 else common.ade20k_config(common.resnet_backbone(50), size)
+
+
+def _voronoi(rng: np.random.Generator, shape: tuple, count: int) -> np.ndarray:
+  """int `[H, W]` map of `count` blobs: each pixel goes to the nearest of `count` random centres, with a random
+  weight per centre so that blob sizes vary (a multiplicatively weighted Voronoi partition)."""
+  centres = rng.random((count, 2)) * shape
+  weights = rng.uniform(0.5, 1.5, count)
+  rows, cols = np.ogrid[:shape[0], :shape[1]]
+  nearest = np.full(shape, np.inf)
+  blobs = np.zeros(shape, np.int32)
+  for i, ((row, col), weight) in enumerate(zip(centres, weights)):
+    distance = np.hypot(rows - row, cols - col) / weight
+    blobs = np.where(distance < nearest, i, blobs)
+    nearest = np.minimum(distance, nearest)
+  return blobs
+
+
+def _train_batch(batch: int, size: int, max_segments: int, num_classes: int, seed: int = 0) -> dict:
+  """A training batch as the pipeline gives it: seeded random normalised images, and per image TRAIN_SEGMENTS
+  blob masks partitioning it (a semantic map), with distinct random classes, padded to `max_segments` slots."""
+  rng = np.random.default_rng(seed)
+  labels = np.zeros((batch, max_segments), np.int32)
+  masks = np.zeros((batch, max_segments, size, size), np.uint8)
+  valid = np.zeros((batch, max_segments), bool)
+  for b in range(batch):
+    blobs = _voronoi(rng, (size, size), TRAIN_SEGMENTS)
+    labels[b, :TRAIN_SEGMENTS] = rng.choice(num_classes, TRAIN_SEGMENTS, replace=False)
+    masks[b, :TRAIN_SEGMENTS] = blobs[None] == np.arange(TRAIN_SEGMENTS)[:, None, None]
+    valid[b, :TRAIN_SEGMENTS] = True
+  images = rng.standard_normal((batch, size, size, 3), dtype=np.float32)
+  return {"images": images, "labels": labels, "masks": masks, "valid": valid}
+
+
+def _hf_train_setup(config, batch: dict) -> tuple:
+  """transformers' MaskFormer-R50 set up to train like ours: its auxiliary (deep-supervision) loss on, train mode
+  (dropout 0.1) except the ResNet's batch norms, which are frozen as in Detectron2 (eval statistics, no gradient
+  to their affine), AdamW with the ADE20K R50 recipe (lr 1e-4, backbone x0.1, weight decay 1e-4) after clipping
+  the global gradient norm to `solver.clip_norm`. Returns `(model, optimizer, trainable, inputs)`."""
+  model = make_hf_model("resnet50", num_labels=config.model.num_classes)
+  model.config.use_auxiliary_loss = True
+  model.train()
+  for module in model.modules():
+    if isinstance(module, torch.nn.BatchNorm2d):
+      module.eval()
+      module.requires_grad_(False)
+  solver = config.solver
+  backbone, rest = [], []
+  for name, param in model.named_parameters():
+    if param.requires_grad:
+      (backbone if name.startswith("model.pixel_level_module.encoder.") else rest).append(param)
+  optimizer = torch.optim.AdamW(
+      [{"params": backbone, "lr": solver.base_lr * solver.backbone_multiplier}, {"params": rest}],
+      lr=solver.base_lr, betas=tuple(solver.betas), eps=solver.eps, weight_decay=solver.weight_decay)
+  valid = batch["valid"]
+  inputs = {
+      "pixel_values": torch.from_numpy(np.ascontiguousarray(batch["images"].transpose(0, 3, 1, 2))),
+      "mask_labels": [torch.from_numpy(batch["masks"][b][valid[b]].astype(np.float32)) for b in range(len(valid))],
+      "class_labels": [torch.from_numpy(batch["labels"][b][valid[b]].astype(np.int64)) for b in range(len(valid))],
+  }
+  return model, optimizer, backbone + rest, inputs
+
+
+def train_step_rows(args) -> list[dict]:
+  """Training-step throughput of ours (jitted `make_train_step`, state donated) vs transformers (forward + loss +
+  backward + clipping + AdamW), same images and targets, different random weights."""
+  config = _ade20k_config(args.size)
+  config.solver.batch_size = args.train_batch
+  batch = _train_batch(args.train_batch, args.size, config.data.max_segments, config.model.num_classes)
+
+  model = build_model(config.model)
+  state, tx = train.create_train_state(config, model)
+  step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0)
+  device_batch = jax.device_put(batch)
+  start = time.perf_counter()
+  compiled = step.lower(state, device_batch).compile()
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def ours_step():
+    holder["state"], metrics = compiled(holder["state"], device_batch)
+    return float(jax.block_until_ready((holder["state"], metrics))[1]["loss"])
+
+  ours_loss = ours_step()
+  ours = time_fn(ours_step, args.train_repeats, args.train_warmup)
+
+  hf_model, optimizer, trainable, inputs = _hf_train_setup(config, batch)
+
+  def torch_step():
+    optimizer.zero_grad(set_to_none=True)
+    # transformers needs output_hidden_states=True for its auxiliary loss (with only use_auxiliary_loss it fails).
+    loss = hf_model(**inputs, output_hidden_states=True).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, config.solver.clip_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+  theirs_loss = torch_step()
+  theirs = time_fn(torch_step, args.train_repeats, args.train_warmup)
+  if not np.isfinite([ours_loss, theirs_loss]).all():
+    raise RuntimeError(f"non-finite training loss: ours {ours_loss}, transformers {theirs_loss}")
+
+  per_second = lambda timing: args.train_batch / timing["median_ms"] * 1e3  # noqa: E731
+  return [{
+      "model": "ResNet-50 (ADE20K config)", "input": f"{args.train_batch}x{args.size}x{args.size}, "
+      f"{TRAIN_SEGMENTS} segments/image", "ours (JAX) img/s": f"{per_second(ours):.2f}",
+      "ours ms/step": _ms(ours, 0), "transformers (PyTorch) img/s": f"{per_second(theirs):.2f}",
+      "transformers ms/step": _ms(theirs, 0), "speed-up": f"{theirs['median_ms'] / ours['median_ms']:.2f}x",
+      "compile s": f"{compile_s:.1f}",
+      "raw": {"ours": ours, "theirs": theirs, "compile_s": compile_s, "ours_images_per_s": per_second(ours),
+              "theirs_images_per_s": per_second(theirs), "first_loss": {"ours": ours_loss, "theirs": theirs_loss}},
+  }]
+
+
+PIPELINE_IMAGES = 64  # distinct examples in the pipeline section, repeated
+
+
+def _ade_like_examples(count: int, height: int, width: int, num_classes: int) -> list:
+  """Encoded examples with TFDS coco/2017_panoptic's features (see tests/test_pipeline.py): a JPEG (quality 90) of
+  15-25 blobs, each a flat colour with a gentle gradient and mild noise (compressing like a photo rather than like
+  noise), and the panoptic PNG of those blobs with random segment ids and classes; nothing crowd, no void."""
+  examples = []
+  for i in range(count):
+    rng = np.random.default_rng(1000 + i)
+    num = int(rng.integers(15, 26))
+    blobs = _voronoi(rng, (height, width), num)
+    colours = rng.uniform(30, 225, (num, 3))
+    ramp = np.linspace(-20, 20, width)[None, :, None] * rng.uniform(-1, 1, 3)
+    image = colours[blobs] + ramp + rng.normal(0, 4, (height, width, 3))
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    segment_ids = rng.choice(np.arange(1, 256 ** 3), num, replace=False)
+    ids = segment_ids[blobs]
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], -1).astype(np.uint8)
+    examples.append({
+        "image": tf.io.encode_jpeg(image, quality=90).numpy(), "image/id": np.int64(i),
+        "panoptic_image": tf.io.encode_png(rgb).numpy(),
+        "panoptic_objects": {
+            "id": segment_ids.astype(np.int64), "label": rng.integers(0, num_classes, num).astype(np.int64),
+            "is_crowd": np.zeros(num, bool), "area": np.bincount(blobs.ravel(), minlength=num).astype(np.int64),
+            "bbox": np.zeros((num, 4), np.float32)},
+    })
+  return examples
+
+
+def pipeline_rows(args, train_step: list[dict] | None = None) -> list[dict]:
+  """Images/s of `pipeline.train_batches` with the ADE20K augmentations on in-memory encoded examples, and the
+  ratio to our train step's images/s when that section ran before in the same run."""
+  data = _ade20k_config(args.size).data
+  height, width = args.size, round(args.size * 4 / 3)
+  examples = _ade_like_examples(PIPELINE_IMAGES, height, width, data.num_classes)
+  jpeg_kb = statistics.mean(len(e["image"]) for e in examples) / 1024
+  dataset = functools.reduce(lambda ds, e: ds.concatenate(tf.data.Dataset.from_tensors(e)), examples[1:],
+                             tf.data.Dataset.from_tensors(examples[0]))
+  batches = pipeline.Batches(pipeline.train_batches(dataset, data, batch_size=args.pipeline_batch),
+                             "synthetic ADE-like")
+  start = time.perf_counter()
+  for _ in range(args.pipeline_warmup):
+    next(batches)
+  warmup_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.pipeline_batches):
+    start = time.perf_counter()
+    next(batches)
+    times.append((time.perf_counter() - start) * 1e3)
+  images_per_s = args.pipeline_batch * len(times) / sum(times) * 1e3
+  timing = {"median_ms": statistics.median(times), "min_ms": min(times)}
+  step_rate = train_step[0]["raw"]["ours_images_per_s"] if train_step else None
+  return [{
+      "input": f"{PIPELINE_IMAGES} JPEGs {height}x{width} (mean {jpeg_kb:.0f} KB), 15-25 segments, repeated",
+      "augmentations": f"{data.task}: short side {data.min_size_train[0]}..{data.min_size_train[-1]}, crop "
+      f"{data.crop_size[0]}x{data.crop_size[1]}, SSD colour, flip",
+      "batch": args.pipeline_batch, "batches timed": args.pipeline_batches, "img/s": f"{images_per_s:.1f}",
+      "ms/batch": _ms(timing, 0),
+      "pipeline / our train step": f"{images_per_s / step_rate:.1f}x" if step_rate else "n/a (train_step not run)",
+      "raw": {"images_per_s": images_per_s, "batch_ms": timing, "batch_times_ms": times, "warmup_s": warmup_s,
+              "mean_jpeg_bytes": jpeg_kb * 1024, "train_step_images_per_s": step_rate},
+  }]
+
+
+SECTIONS = {"forward": forward_rows, "matching": matching_rows, "loss": loss_rows, "train_step": train_step_rows,
+            "pipeline": pipeline_rows}
 
 
 def _cpu_name() -> str:
@@ -289,6 +509,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--match-batch", type=int, default=16, help="images per matching / loss call")
   parser.add_argument("--repeats", type=int, default=7, help="timed calls per measurement (at least 5)")
   parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+  parser.add_argument("--train-batch", type=int, default=2, help="images per training step (train_step)")
+  parser.add_argument("--train-repeats", type=int, default=5, help="timed training steps per side (at least 3)")
+  parser.add_argument("--train-warmup", type=int, default=2, help="untimed training steps before timing")
+  parser.add_argument("--pipeline-batch", type=int, default=16, help="images per input pipeline batch")
+  parser.add_argument("--pipeline-batches", type=int, default=20, help="pipeline batches timed, after warm-up")
+  parser.add_argument("--pipeline-warmup", type=int, default=3, help="pipeline batches drawn before timing")
   parser.add_argument("--json", help="also write the results to this JSON file")
   args = parser.parse_args(argv)
   args.sections = args.sections.split(",")
@@ -301,6 +527,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.error(f"--size must be a multiple of {SIZE_DIVISIBILITY}")
   if args.repeats < 5:
     parser.error("--repeats must be at least 5")
+  if args.train_repeats < 3:
+    parser.error("--train-repeats must be at least 3")
   return args
 
 
@@ -313,7 +541,10 @@ def main(argv=None) -> None:
         + (f", XLA_FLAGS={env['xla_flags']}" if env["xla_flags"] else ""))
   results = {"environment": env, "args": vars(args), "sections": {}}
   for name in args.sections:
-    rows = SECTIONS[name](args)
+    if name == "pipeline":  # compared with our train step when that section ran first
+      rows = pipeline_rows(args, results["sections"].get("train_step"))
+    else:
+      rows = SECTIONS[name](args)
     results["sections"][name] = rows
     print(f"\n## {name}\n\n{markdown_table(rows)}")
   if args.json:
