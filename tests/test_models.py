@@ -12,6 +12,7 @@ from configs import ade20k_r50, ade20k_swin_tiny, coco_panoptic_r50
 from hf_reference import hf_outputs, make_hf_model
 from maskformer_jax.convert import load_hf_checkpoint
 from maskformer_jax.models import abstract_variables, build_model, init_variables, normalize_images
+from maskformer_jax.models import layers
 from maskformer_jax.models.layers import sine_position_encoding
 
 TOLERANCE = 1e-4  # absolute, on logits of magnitude ~10
@@ -197,3 +198,21 @@ def test_every_paper_config_builds_with_the_papers_parameter_count(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   params = abstract_variables(config.model)["params"]
   assert round(sum(x.size for x in jax.tree.leaves(params)) / 1e6) == PAPER_PARAMS_M[name]
+
+
+def test_large_conv_gradient_by_taps_equals_xla():
+  """Large stride-1 convs take the per-tap kernel gradient on CPU; value and both gradients equal XLA's conv."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((1, 128, 128, 256)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 256, 16)) * 0.05, jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((1, 128, 128, 16)), jnp.float32)
+  assert x.size >= layers.TAP_GRADIENT_MIN_ELEMENTS
+  ours = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers.conv2d(x, k), probe), (0, 1)))(x, kernel)
+  plain = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers._xla_conv(x, k, 1, "NHWC"), probe), (0, 1)))(
+      x, kernel)
+  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
+  for got, want in zip(ours[1], plain[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+  # The tap path really is the one taken: its kernel gradient is nine matmuls, one per tap.
+  text = jax.jit(jax.grad(lambda k: jnp.vdot(layers.conv2d(x, k), probe))).lower(kernel).as_text()
+  assert text.count("dot_general") >= 9  # (and the vdot)
