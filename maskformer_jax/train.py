@@ -204,16 +204,16 @@ class MetricWriter:
 
 
 def evaluate_loss(eval_step, state: TrainState, *, config: ml_collections.ConfigDict, batch_sharding,
-                  batch_size: int) -> float:
+                  batch_size: int, data_dir: str | None) -> float:
   """Mean per-image loss over `config.data.eval_split`."""
   total, count = 0.0, 0.0
   dataset = pipeline.make_eval_dataset(config.data, split=config.data.eval_split, batch_size=batch_size,
                                        process_index=jax.process_index(), process_count=jax.process_count(),
-                                       data_dir=config.data.data_dir or None)
+                                       data_dir=data_dir)
   for batch in dataset:
     loss_sum, num = eval_step(state, sharding.global_batch(batch, batch_sharding))
-    total, count = total + float(loss_sum), count + float(num)
-  return total / max(count, 1.0)
+    total, count = total + loss_sum, count + num  # summed on device: no host sync per batch
+  return float(total) / max(float(count), 1.0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -235,18 +235,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        out_shardings=(state_sharding, replicated), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_sharding, batch_sharding),
                       out_shardings=replicated)
+  data_dir = config.data.data_dir or None  # '' in the config: TFDS's default directory
   validation_loss = functools.partial(evaluate_loss, eval_step, config=config, batch_sharding=batch_sharding,
-                                      batch_size=local_batch_size)
+                                      batch_size=local_batch_size, data_dir=data_dir)
 
   # Process 0 generates a built-in dataset that is missing; the others wait for it rather than write beside it.
   if jax.process_index() == 0:
-    pipeline.prepare_dataset(config.data, config.data.data_dir or None)
+    pipeline.prepare_dataset(config.data, data_dir)
   multihost_utils.sync_global_devices("dataset prepared")
   # Every process skips the examples its earlier steps consumed, so the stream continues where it stopped.
   batches = pipeline.make_train_dataset(config.data, batch_size=local_batch_size,
                                         process_index=jax.process_index(), process_count=jax.process_count(),
-                                        start_example=start_step * local_batch_size,
-                                        data_dir=config.data.data_dir or None)
+                                        start_example=start_step * local_batch_size, data_dir=data_dir)
   writer = MetricWriter(workdir)
   solver = config.solver
   progress = tqdm.tqdm(total=solver.max_steps, initial=start_step, desc="train", unit="step",
