@@ -203,9 +203,10 @@ def test_every_paper_config_builds_with_the_papers_parameter_count(name):
 def test_large_conv_gradient_by_taps_equals_xla():
   """Large stride-1 convs take the per-tap kernel gradient on CPU; value and both gradients equal XLA's conv."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((1, 128, 128, 256)), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 256, 16)) * 0.05, jnp.float32)
-  probe = jnp.asarray(rng.standard_normal((1, 128, 128, 16)), jnp.float32)
+  # Two images and a non-square map: a tap must never pair pixels across rows or images.
+  x = jnp.asarray(rng.standard_normal((2, 96, 112, 200)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((3, 3, 200, 16)) * 0.05, jnp.float32)
+  probe = jnp.asarray(rng.standard_normal((2, 96, 112, 16)), jnp.float32)
   assert x.size >= layers.TAP_GRADIENT_MIN_ELEMENTS
   ours = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers.conv2d(x, k), probe), (0, 1)))(x, kernel)
   plain = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers._xla_conv(x, k, 1, "NHWC"), probe), (0, 1)))(

@@ -86,12 +86,21 @@ def _tap_backward(residuals, grad):
   x, kernel = residuals
   (grad_x,) = jax.vjp(lambda inputs: _xla_conv(inputs, kernel, 1, "NHWC"), x)[1](grad)
   k, pad = kernel.shape[0], kernel.shape[0] // 2
-  height, width = x.shape[1:3]
+  # On the zero-padded input grid flattened over (batch, row, column), tap (i, j) pairs input position
+  # p + i * row + j with output position p (the output stored at its window's top-left corner, zeros elsewhere).
+  # So each tap's gradient is one plain [C_in, T] x [T, C_out] matmul: the input transposed once, against a
+  # row-shifted window of the output gradient (a contiguous slice).
+  row = x.shape[2] + 2 * pad
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  inputs_t = padded.reshape(-1, x.shape[-1]).T  # [C_in, T]
+  size = inputs_t.shape[1]
+  reach = (k - 1) * (row + 1)  # the largest tap offset
+  grad_grid = jnp.pad(grad, ((0, 0), (0, 2 * pad), (0, 2 * pad), (0, 0))).reshape(size, -1)
+  grad_grid = jnp.pad(grad_grid, ((reach, 0), (0, 0)))  # [reach + T, C_out]
   grad_kernel = jnp.stack([
-      jnp.stack([jnp.einsum("bhwc,bhwd->cd", padded[:, i:i + height, j:j + width], grad) for j in range(k)])
-      for i in range(k)])
-  return grad_x, grad_kernel.astype(kernel.dtype)
+      inputs_t @ jax.lax.slice_in_dim(grad_grid, reach - offset, reach - offset + size)
+      for offset in (i * row + j for i in range(k) for j in range(k))])
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
 
 
 _conv_with_tap_kernel_gradient.defvjp(_tap_forward, _tap_backward)
