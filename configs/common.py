@@ -107,8 +107,9 @@ def solver_config(backbone: ConfigDict, *, batch_size: int, max_steps: int, lr_s
       # 'poly': (1 - step / max_steps)^poly_power, or 'step': gamma^(number of `steps` passed).
       lr_schedule=lr_schedule, poly_power=0.9, steps=tuple(steps), gamma=0.1,
       warmup_steps=recipe.get('warmup_steps', warmup_steps), warmup_factor=recipe['warmup_factor'],
-      # Bookkeeping (port-only; detectron2 checkpoints every 5000 and logs every 20 iterations).
-      checkpoint_every=5000, keep_checkpoints=3, log_every=20, eval_every=eval_every,
+      # Bookkeeping (port-only; detectron2 checkpoints every 5000 and logs every 20 iterations). eval_every: the
+      # validation loss; metrics_every: full metrics (as scripts/evaluate.py), 0 = only after the last step.
+      checkpoint_every=5000, keep_checkpoints=3, log_every=20, eval_every=eval_every, metrics_every=0,
   ))
 
 
@@ -177,6 +178,8 @@ def inference_config(*, min_size_test: int, max_size_test: int, panoptic_on: boo
       sem_seg_postprocess_before_inference=panoptic_on,
       detections_per_image=100,
       aug=aug,
+      # Pictures (prediction over ground truth) of the first validation images that training writes at its end.
+      num_pictures=0,
   ))
 
 
@@ -271,7 +274,7 @@ def shapes_config() -> ConfigDict:
   solver = solver_config(backbone, batch_size=16, max_steps=3000, lr_schedule='poly', eval_every=1000)
   # From scratch and short: a higher LR and a short warmup instead of Swin's 1500 steps from 1e-6.
   solver.update(dict(base_lr=5e-4, warmup_steps=50, warmup_factor=0.01, checkpoint_every=100, log_every=10))
-  return full_config(
+  config = full_config(
       model=model_config(num_classes, backbone, pixel_decoder, num_queries=20, hidden_dim=64, num_heads=4,
                          dim_feedforward=128, dropout=0.0, num_layers=3),
       solver=solver,
@@ -285,3 +288,5 @@ def shapes_config() -> ConfigDict:
           panoptic_on=True, object_mask_threshold=0.8, overlap_threshold=0.8,
           aug=tta_config(tta_short_sides(64), max_size=448)),
   )
+  config.test.num_pictures = 4
+  return config

@@ -5,8 +5,9 @@
   2. resume from the latest checkpoint in `workdir` if there is one (state, RNG and input position);
   3. the input pipeline from that position, each process reading its own shard;
   4. a jitted train step on the global batch (sharded over the `data` axis), with a progress bar, JSON-lines and
-     TensorBoard metrics, periodic checkpoints and validation loss;
-  5. a final checkpoint and validation loss.
+     TensorBoard metrics, periodic checkpoints, validation loss and (if configured) evaluation metrics;
+  5. a final checkpoint and validation loss, then the evaluation (`eval_results.json`: mIoU, PQ, ...) and
+     pictures of the first `test.num_pictures` validation images in `workdir/pictures`.
 Killing the process at any point loses at most `solver.checkpoint_every` steps: the same command resumes.
 """
 import functools
@@ -20,19 +21,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 import tensorflow as tf
 import tqdm
-from absl import logging
 from jax.experimental import multihost_utils
 
-from maskformer_jax import optim, sharding
+from maskformer_jax import evaluation, optim, sharding, visualize
+from maskformer_jax.checkpoint import Checkpoints
 from maskformer_jax.data import pipeline
 from maskformer_jax.losses import maskformer_loss
 from maskformer_jax.models import build_model, init_variables
 
-CONFIG_FILE = "config.json"
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -42,6 +40,10 @@ class TrainState(flax.struct.PyTreeNode):
   batch_stats: Any        # frozen batch-norm statistics: part of the model, never trained
   opt_state: Any
   rng: jax.Array          # uint32 [2] base key; step s draws dropout from fold_in(rng, s)
+
+  def variables(self) -> dict:
+    """The model's variables, as `model.apply` takes them."""
+    return {"params": self.params, "batch_stats": self.batch_stats}
 
 
 def train_state_initializer(config: ml_collections.ConfigDict, model
@@ -104,7 +106,7 @@ def make_eval_step(model, config: ml_collections.ConfigDict):
   batch (`example_valid`)."""
 
   def eval_step(state: TrainState, batch: dict):
-    outputs = model.apply({"params": state.params, "batch_stats": state.batch_stats}, batch["images"])
+    outputs = model.apply(state.variables(), batch["images"])
 
     def image_loss(output, target):
       one = lambda x: x[None]  # noqa: E731  a batch of one image
@@ -116,70 +118,6 @@ def make_eval_step(model, config: ml_collections.ConfigDict):
     return jnp.sum(losses * weight), jnp.sum(weight)
 
   return eval_step
-
-
-class Checkpoints:
-  """Orbax checkpoints of the train state in `workdir/checkpoints`, with the config they were made with."""
-
-  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
-    self.workdir = workdir
-    self.manager = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.solver.keep_checkpoints),
-        item_names=("state",))
-    self._check_config(config)
-
-  def _check_config(self, config: ml_collections.ConfigDict) -> None:
-    """Writes the config on a fresh workdir; refuses a workdir whose checkpoints another model config made."""
-    path = os.path.join(self.workdir, CONFIG_FILE)
-    if self.manager.latest_step() is not None and os.path.exists(path):
-      with open(path) as f:
-        saved = ml_collections.ConfigDict(json.load(f))
-      differences = _differences(saved.model.to_dict(), json.loads(config.model.to_json()), "model")
-      if differences:
-        raise ValueError(f"{self.workdir} holds checkpoints of an incompatible config ({'; '.join(differences)}). "
-                         "Pass a new --workdir, or the config those checkpoints were trained with.")
-    if jax.process_index() == 0:
-      os.makedirs(self.workdir, exist_ok=True)
-      with open(path, "w") as f:
-        f.write(config.to_json(indent=2))
-
-  def restore_latest(self, abstract_state: TrainState, state_sharding) -> TrainState | None:
-    """The latest checkpoint placed with `state_sharding` (a sharding, or a tree of them) on the current mesh,
-    whatever mesh saved it; None if there is none. `abstract_state`: shapes and dtypes (`jax.eval_shape` of the initialiser)."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    if isinstance(state_sharding, jax.sharding.Sharding):
-      state_sharding = jax.tree.map(lambda _: state_sharding, abstract_state)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
-                            state_sharding)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    except (ValueError, KeyError) as error:
-      raise ValueError(f"Cannot restore step {step} from {self.manager.directory}: it does not fit the current "
-                       f"config ({error}). Pass a new --workdir.") from error
-    logging.info("Resumed from step %d in %s", step, self.manager.directory)
-    return restored["state"]
-
-  def save(self, step: int, state: TrainState) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def _differences(saved: dict, current: dict, prefix: str) -> list[str]:
-  """Dotted paths whose values differ between two nested dicts, with both values."""
-  found = []
-  for key in sorted(set(saved) | set(current)):
-    a, b, path = saved.get(key), current.get(key), f"{prefix}.{key}"
-    if isinstance(a, dict) and isinstance(b, dict):
-      found += _differences(a, b, path)
-    elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
-      found.append(f"{path} was {a!r}, now {b!r}")
-  return found
 
 
 class MetricWriter:
@@ -266,11 +204,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              img_s=f"{metrics['images_per_second']:.1f}")
       if step % solver.eval_every == 0 and step != solver.max_steps:
         writer.write(step, {"validation_loss": validation_loss(state)})
+      if solver.metrics_every and step % solver.metrics_every == 0 and step != solver.max_steps:
+        writer.write(step, evaluation.summary(evaluation.evaluate_model(model, state.variables(), config)))
       if step % solver.checkpoint_every == 0 or step == solver.max_steps:
         checkpoints.save(step, state)
       progress.update(1)
     progress.close()
     checkpoints.close()
     metrics["validation_loss"] = validation_loss(state)
-  writer.write(solver.max_steps, {"validation_loss": metrics["validation_loss"]})
+    results = evaluation.evaluate_model(model, state.variables(), config)
+    evaluation.write_results(workdir, dict(results, step=int(state.step)))
+    if config.test.num_pictures and jax.process_index() == 0:
+      visualize.validation_pictures(model, state.variables(), config, os.path.join(workdir, "pictures"),
+                                    config.test.num_pictures)
+  metrics.update(evaluation.summary(results))
+  writer.write(solver.max_steps, {name: metrics[name] for name in ("validation_loss", *evaluation.summary(results))})
   return metrics

@@ -51,18 +51,85 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, data_dir):
-  workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A workdir trained for 30 steps, and the completed process."""
+  workdir = tmp_path_factory.mktemp("trained") / "run"
   result = run_train([*tiny_overrides(data_dir, max_steps=30, checkpoint_every=10), f"--workdir={workdir}",
                       "--config.solver.base_lr=1e-3"])
   assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(trained):
+  workdir, result = trained
   losses = [m["loss"] for m in read_metrics(workdir) if "loss" in m]
   assert len(losses) == 30
   assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
-  assert {"validation_loss", "learning_rate", "images_per_second"} <= set().union(*read_metrics(workdir))
+  assert {"validation_loss", "learning_rate", "images_per_second", "PQ", "mIoU"} <= set().union(*read_metrics(workdir))
   assert "30" in os.listdir(workdir / "checkpoints")
   assert os.listdir(workdir / "tensorboard")
   assert json.loads((workdir / "config.json").read_text())["solver"]["max_steps"] == 30
+  # The evaluation after the last step: every headline metric, over the whole tiny validation split (8 images).
+  results = json.loads((workdir / "eval_results.json").read_text())
+  assert results["step"] == 30 and results["num_images"] == 8 and results["split"] == "validation"
+  for key in ("mIoU", "fwIoU", "pAcc", "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st",
+              "IoU-circle", "PQ-sky"):
+    assert key in results
+  assert 0 <= results["pAcc"] <= 100
+  # The final metrics line carries the headline metrics (rounded to 2 decimals).
+  assert f"mIoU={round(results['mIoU'], 2):.4g}" in result.stdout and f"PQ={round(results['PQ'], 2):.4g}" in result.stdout
+  # Pictures of the first four validation images (configs/shapes_swin_mini.py: test.num_pictures = 4).
+  pictures = sorted(name for name in os.listdir(workdir / "pictures") if name.endswith(".png")
+                    and not name.endswith(("_semantic.png", "_panoptic.png")))
+  assert len(pictures) == 4, pictures
+
+
+def test_evaluate_script_writes_results_of_a_chosen_checkpoint(trained, tmp_path):
+  workdir, _ = trained
+  config = json.loads((workdir / "config.json").read_text())
+  out = tmp_path / "eval"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "evaluate.py"),
+       *tiny_overrides(config["data"]["data_dir"], max_steps=30), f"--workdir={out}", f"--checkpoint={workdir}",
+       "--step=10"], cwd=REPO_ROOT, capture_output=True, text=True, env=train_env(), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.loads((out / "eval_results.json").read_text())
+  assert results["num_images"] == 8 and {"PQ", "mIoU", "pAcc"} <= set(results)
+  assert json.loads(result.stdout.strip().splitlines()[-1])["PQ"] == round(results["PQ"], 2)
+  # A step the workdir does not hold is refused, naming the ones it does.
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "evaluate.py"),
+       *tiny_overrides(config["data"]["data_dir"], max_steps=30), f"--workdir={out}", f"--checkpoint={workdir}",
+       "--step=7"], cwd=REPO_ROOT, capture_output=True, text=True, env=train_env(), timeout=600)
+  assert result.returncode != 0 and "No checkpoint for step 7" in result.stderr and "[10, 20, 30]" in result.stderr
+
+
+def test_predict_script_writes_pictures_and_label_maps(trained, tmp_path):
+  from PIL import Image
+  workdir, _ = trained
+  config = json.loads((workdir / "config.json").read_text())
+  inputs = tmp_path / "images"
+  inputs.mkdir()
+  rng = np.random.default_rng(0)
+  Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(inputs / "a.png")
+  Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(inputs / "b.jpg")
+  (inputs / "notes.txt").write_text("not an image")
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, os.path.join(REPO_ROOT, "scripts", "predict.py"),
+       *tiny_overrides(config["data"]["data_dir"], max_steps=30), f"--checkpoint={workdir}", f"--input={inputs}",
+       f"--output={out}"], cwd=REPO_ROOT, capture_output=True, text=True, env=train_env(), timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(os.listdir(out)) == sorted(f"{stem}{suffix}" for stem in "ab" for suffix in (
+      ".png", "_semantic.png", "_panoptic.png", "_segments.json"))
+  # Label maps at the input's own size, with classes of the dataset and segments listed for every panoptic id.
+  semantic = np.asarray(Image.open(out / "a_semantic.png"))
+  assert semantic.shape == (40, 56) and semantic.max() < 8
+  rgb = np.asarray(Image.open(out / "a_panoptic.png")).astype(np.int64)
+  ids = set(np.unique(rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]).tolist()) - {0}
+  segments = json.loads((out / "a_segments.json").read_text())["segments_info"]
+  assert ids == {segment["id"] for segment in segments}
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, data_dir):
@@ -111,7 +178,7 @@ SHARDED_STEP = textwrap.dedent("""
   import numpy as np
   sys.path.insert(0, sys.argv[1])
   from configs import shapes_swin_mini
-  from maskformer_jax import sharding, train
+  from maskformer_jax import checkpoint, sharding, train
   from maskformer_jax.models import build_model
 
   assert jax.device_count() == 8
@@ -139,13 +206,13 @@ SHARDED_STEP = textwrap.dedent("""
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
   # A checkpoint saved from the 8-device mesh restores onto a 2-device one.
-  checkpoints = train.Checkpoints(sys.argv[2], config)
+  checkpoints = checkpoint.Checkpoints(sys.argv[2], config)
   checkpoints.save(1, new_state)
   checkpoints.close()
   two = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
   init_state, _ = train.train_state_initializer(config, model)
-  restored = train.Checkpoints(sys.argv[2], config).restore_latest(jax.eval_shape(init_state),
-                                                                   sharding.replicated(two))
+  restored = checkpoint.Checkpoints(sys.argv[2], config).restore_latest(jax.eval_shape(init_state),
+                                                                        sharding.replicated(two))
   assert int(restored.step) == 1
   for leaf in jax.tree.leaves(restored):
     assert leaf.sharding.device_set == set(jax.devices()[:2])

@@ -19,7 +19,9 @@ a PNG/JPEG, image and annotation of different sizes, a repeated segment id, a PN
 panoptic_objects, a label outside [0, num_classes), more targets than max_segments, an image larger than
 train_image_size. Errors TF raises while iterating come out as ValueErrors that name the dataset and split.
 
-`make_train_dataset` and `make_eval_dataset` read TFDS; `train_batches`, `eval_batches` and `example_fn` do the
+`ground_truth_examples` gives the unpadded, unnormalised examples that evaluation and pictures need.
+
+`make_train_dataset`, `make_eval_dataset` and `ground_truth_examples` read TFDS; `train_batches`, `eval_batches` and `example_fn` do the
 work on any `tf.data.Dataset` of such examples (with the two images still encoded) and are what the tests drive.
 """
 import ml_collections
@@ -274,6 +276,21 @@ def prepare_dataset(data: ml_collections.ConfigDict, data_dir: str | None = None
   return builder
 
 
+def dataset_categories(data: ml_collections.ConfigDict, data_dir: str | None = None) -> list[dict]:
+  """The dataset's classes in label order, `[{"id", "name", "isthing"}]` (COCO panoptic style), from its TFDS
+  metadata."""
+  builder = prepare_dataset(data, data_dir)
+  categories = (builder.info.metadata or {}).get("categories")
+  if not categories:
+    raise ValueError(f"{data.dataset} has no 'categories' in its TFDS metadata, so things and stuff are unknown; "
+                     "its builder must store [{'id', 'name', 'isthing'}, ...] in label order in "
+                     "DatasetInfo.metadata['categories'].")
+  if len(categories) != data.num_classes:
+    raise ValueError(f"{data.dataset} has {len(categories)} categories but data.num_classes is {data.num_classes}; "
+                     "set data.num_classes to the dataset's class count.")
+  return [dict(category) for category in categories]
+
+
 def read_split(data: ml_collections.ConfigDict, split: str, *, shuffle: bool, process_index: int = 0,
                process_count: int = 1, data_dir: str | None = None) -> tuple[tf.data.Dataset, int]:
   """This process's contiguous, disjoint share of `split` (tfds.even_splits), with `image` and `panoptic_image`
@@ -319,3 +336,36 @@ def make_eval_dataset(data: ml_collections.ConfigDict, *, split: str, batch_size
   num_batches = -(-largest_share // batch_size)
   ds = eval_batches(examples, data, batch_size=batch_size, num_batches=num_batches)
   return Batches(ds, f"{data.dataset}:{split} (process {process_index} of {process_count})", num_batches)
+
+
+def ground_truth_examples(data: ml_collections.ConfigDict, split: str, *, process_index: int = 0,
+                          process_count: int = 1, data_dir: str | None = None):
+  """This process's share of `split` as evaluation needs it, unaugmented and unpadded, in stored order.
+
+  Returns `(examples, count)`: `count` is the size of this share and `examples` an iterator of dicts of numpy
+  values: `image_id` int, `image` uint8 `[H, W, 3]`, `panoptic` int32 `[H, W]` segment ids (0 = void), `semantic`
+  int32 `[H, W]` classes (crowd segments included, void -> data.ignore_label) and `segments`, a list of
+  `{"id", "category_id", "iscrowd"}` (category_id is the class index). The same checks as training apply.
+  """
+  examples, _ = read_split(data, split, shuffle=False, process_index=process_index, process_count=process_count,
+                           data_dir=data_dir)
+  count = int(examples.cardinality())
+
+  def decode(example: dict) -> dict:
+    image_id, objects = example["image/id"], example["panoptic_objects"]
+    image = decode_image(example["image"], image_id, "image", png_only=False)
+    id_map = panoptic.rgb2id_tf(decode_image(example["panoptic_image"], image_id, "panoptic_image", png_only=True))
+    with tf.control_dependencies(check_example(image_id, image, id_map, objects, data)):
+      semantic = semantic_map(id_map, objects, data.ignore_label)
+      return {"image_id": image_id, "image": image, "panoptic": id_map, "semantic": semantic,
+              "ids": objects["id"], "labels": objects["label"], "is_crowd": objects["is_crowd"]}
+
+  def numpy_examples():
+    # Batches' iterator turns a failed check into a ValueError naming the example.
+    for example in Batches(examples.map(decode), f"{data.dataset}:{split} (process {process_index})"):
+      segments = [{"id": int(i), "category_id": int(label), "iscrowd": int(crowd)}
+                  for i, label, crowd in zip(example["ids"], example["labels"], example["is_crowd"])]
+      yield {"image_id": int(example["image_id"]), "image": example["image"], "panoptic": example["panoptic"],
+             "semantic": example["semantic"], "segments": segments}
+
+  return numpy_examples(), count
