@@ -46,12 +46,12 @@ LOSS = dict(class_weight=float, mask_weight=float, dice_weight=float, no_object_
 SOLVER = dict(optimizer=str, base_lr=float, weight_decay=float, weight_decay_norm=float, weight_decay_embed=float,
               backbone_multiplier=float, betas=tuple, eps=float, batch_size=int, max_steps=int, lr_schedule=str,
               poly_power=float, warmup_steps=int, warmup_factor=float, steps=tuple, gamma=float, clip_norm=float,
-              checkpoint_every=int, keep_checkpoints=int, log_every=int, eval_every=int)
+              checkpoint_every=int, keep_checkpoints=int, log_every=int, eval_every=int, metrics_every=int)
 DATA = dict(dataset=str, task=str, num_classes=int, ignore_label=int, crop_size=tuple, crop_type=str,
             min_size_train=tuple, max_size_train=int, color_aug_ssd=bool, random_flip=bool, size_divisibility=int,
             image_pad_value=int, max_segments=int, train_image_size=tuple, shuffle_buffer=int, seed=int, data_dir=str)
 TEST = dict(min_size_test=int, max_size_test=int, semantic_on=bool, panoptic_on=bool, instance_on=bool,
-            object_mask_threshold=float, overlap_threshold=float, detections_per_image=int)
+            object_mask_threshold=float, overlap_threshold=float, detections_per_image=int, num_pictures=int)
 TTA = dict(enabled=bool, min_sizes=tuple, max_size=int, flip=bool)
 
 

@@ -21,7 +21,7 @@ _PIXEL_DECODER_FIELDS = {
     "transformer_encoder": ("conv_dim", "mask_dim", "num_groups", "num_layers", "num_heads", "dim_feedforward",
                             "dropout"),
 }
-_IN_FEATURES = ("res2", "res3", "res4", "res5", "transformer_encoder")
+_IN_FEATURES = ("res5", "transformer_encoder")
 
 
 def normalize_images(images) -> np.ndarray:

@@ -10,7 +10,7 @@ backbone          name='resnet': depth (50 | 101)
 pixel_decoder     name ('fpn' | 'transformer_encoder'), conv_dim, mask_dim, num_groups;
                   'transformer_encoder' adds num_layers, num_heads, dim_feedforward, dropout
 transformer       hidden_dim, num_heads, dim_feedforward, dropout, num_layers,
-                  in_feature ('res5' | 'transformer_encoder' | 'res2'..'res4'), enforce_input_proj
+                  in_feature ('res5' | 'transformer_encoder'), enforce_input_proj
 ```
 """
 import ml_collections
@@ -64,9 +64,8 @@ def model_config(num_classes, backbone: ConfigDict, pixel_decoder: ConfigDict, i
   """The `config.model` schema read by `maskformer_jax.models.build_model`.
 
   num_classes excludes "no object". It may be an int or an `ml_collections.FieldReference` shared with
-  `config.data.num_classes`. in_feature is what the transformer decoder attends to: 'res5' (raw backbone; any
-  backbone level 'res2'..'res5' is allowed, as the reference's TRANSFORMER_IN_FEATURE) or 'transformer_encoder'
-  (the pixel decoder's encoder output; needs the transformer_encoder pixel decoder).
+  `config.data.num_classes`. in_feature is what the transformer decoder attends to: 'res5' (raw backbone) or
+  'transformer_encoder' (the pixel decoder's encoder output; needs the transformer_encoder pixel decoder).
   """
   if in_feature == 'transformer_encoder' and pixel_decoder.name != 'transformer_encoder':
     raise ValueError("in_feature='transformer_encoder' needs the transformer_encoder pixel decoder")

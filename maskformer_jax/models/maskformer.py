@@ -47,7 +47,7 @@ class MaskFormer(nn.Module):
     check_images(images)
     features = self.backbone(images, train=train)
     pixel_embeddings, encoder_memory = self.pixel_decoder(features, train=train)
-    memory = encoder_memory if self.in_feature == "transformer_encoder" else features[self.in_feature]
+    memory = features["res5"] if self.in_feature == "res5" else encoder_memory
     pred_logits, mask_embed = self.predictor(memory, train=train)  # [L, B, Q, K+1], [L, B, Q, mask_dim]
     if not (aux_outputs and self.deep_supervision):
       return {"pred_logits": pred_logits[-1], "pred_masks": pixel_embeddings.mask_logits(mask_embed[-1]),
