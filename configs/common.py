@@ -65,6 +65,7 @@ def loss_config() -> ConfigDict:
       mask_weight=20.0,  # sigmoid focal loss
       dice_weight=1.0,
       no_object_weight=0.1,  # CE weight of the "no object" class (real classes get 1.0)
+      match_class_weight=ml_collections.FieldReference(None, field_type=float),  # None: class_weight (MaskFormer)
       focal_alpha=0.25,
       focal_gamma=2.0,
       # Where the Hungarian matching runs: 'host' (scipy through a callback, as MaskFormer; best on CPU and GPU)

@@ -181,8 +181,8 @@ def check_targets(targets: dict, num_classes: int, batch_size: int) -> None:
 
 def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_weight: float = 1.0,
                     mask_weight: float = 20.0, dice_weight: float = 1.0, no_object_weight: float = 0.1,
-                    focal_alpha: float = 0.25, focal_gamma: float = 2.0, matcher: str = "device"
-                    ) -> tuple[jax.Array, dict]:
+                    focal_alpha: float = 0.25, focal_gamma: float = 2.0, matcher: str = "device",
+                    match_class_weight: float | None = None) -> tuple[jax.Array, dict]:
   """MaskFormer's loss for the model's output dict and padded targets (see the module docstring).
 
   Args:
@@ -193,6 +193,9 @@ def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_wei
     class_weight, mask_weight, dice_weight: weights of the cross-entropy, focal and dice terms, in the loss and in
       the matching cost alike.
     no_object_weight: cross-entropy weight of the "no object" class (real classes weigh 1).
+    match_class_weight: weight of the class term in the matching cost alone; None (MaskFormer) ties it to
+      class_weight. DETR keeps the two apart; raising class_weight alone strengthens classification while the
+      matching stays driven by the masks.
     matcher: 'device' or 'host', see `matching.match_queries`.
 
   Every decoder layer is matched on its own (no gradient flows through the matching). Focal and dice are summed
@@ -218,7 +221,8 @@ def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_wei
   def layer_terms(logits, masks):
     cost = matching.matching_cost(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(masks), targets["labels"],
                                   targets["masks"], targets["valid"],
-                                  class_weight=class_weight, mask_weight=mask_weight, dice_weight=dice_weight,
+                                  class_weight=class_weight if match_class_weight is None else match_class_weight,
+                                  mask_weight=mask_weight, dice_weight=dice_weight,
                                   focal_alpha=focal_alpha, focal_gamma=focal_gamma)
     query_index = matching.match_queries(cost, targets["valid"], backend=matcher)
     return _layer_terms(logits, masks, query_index, targets, num_classes=num_classes,

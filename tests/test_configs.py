@@ -42,7 +42,8 @@ ENCODER = dict(num_layers=int, num_heads=int, dim_feedforward=int, dropout=float
 RESNET = dict(name=str, depth=int)
 SWIN = dict(name=str, embed_dim=int, depths=tuple, num_heads=tuple, window_size=int, mlp_ratio=float,
             drop_path_rate=float, patch_size=int, pretrain_img_size=int)
-LOSS = dict(class_weight=float, mask_weight=float, dice_weight=float, no_object_weight=float, matcher=str)
+LOSS = dict(class_weight=float, mask_weight=float, dice_weight=float, no_object_weight=float, matcher=str,
+            match_class_weight=(float, type(None)))
 SOLVER = dict(optimizer=str, base_lr=float, weight_decay=float, weight_decay_norm=float, weight_decay_embed=float,
               backbone_multiplier=float, betas=tuple, eps=float, batch_size=int, max_steps=int, lr_schedule=str,
               poly_power=float, warmup_steps=int, warmup_factor=float, steps=tuple, gamma=float, clip_norm=float,

@@ -52,9 +52,10 @@ def make_targets(rng, counts, size: int = SIZE, garbage: bool = False) -> dict:
   return {"labels": labels, "masks": masks, "valid": valid}
 
 
-def transformers_loss(outputs: dict, targets: dict) -> dict:
-  """transformers' MaskFormerLoss on the real segments of each image (weights 1 / 20 / 1, no-object 0.1)."""
-  criterion = MaskFormerLoss(num_labels=NUM_CLASSES, matcher=MaskFormerHungarianMatcher(1.0, 20.0, 1.0),
+def transformers_loss(outputs: dict, targets: dict, cost_class: float = 1.0) -> dict:
+  """transformers' MaskFormerLoss on the real segments of each image (matching costs cost_class / 20 / 1,
+  no-object 0.1; the terms it returns are unweighted)."""
+  criterion = MaskFormerLoss(num_labels=NUM_CLASSES, matcher=MaskFormerHungarianMatcher(cost_class, 20.0, 1.0),
                              weight_dict={}, eos_coef=0.1)
   valid = targets["valid"]
   mask_labels = [torch.from_numpy(targets["masks"][b][valid[b]].astype(np.float32)) for b in range(len(valid))]
@@ -101,6 +102,25 @@ def test_terms_equal_transformers(matcher, num_aux, counts):
     np.testing.assert_allclose(value, reference, rtol=1e-4, atol=1e-7, err_msg=name)
     expected_total += WEIGHTS[base] * reference
   np.testing.assert_allclose(total, expected_total, rtol=1e-4)
+
+
+def test_matching_class_weight_apart_from_the_loss_weight():
+  """match_class_weight weighs the class term of the matching cost alone, like transformers' (and DETR's) separate
+  matcher costs; class_weight then only scales the cross-entropy in the total."""
+  rng = np.random.default_rng(7)
+  outputs = make_predictions(rng, 3, 3)
+  targets = make_targets(rng, (2, 5, 3))
+  total, terms = ours(outputs, targets, class_weight=5.0, match_class_weight=0.05)
+  theirs = transformers_loss(outputs, targets, cost_class=0.05)
+  expected_total = 0.0
+  for name, value in terms.items():
+    base, suffix = split_name(name)
+    np.testing.assert_allclose(value, theirs[TRANSFORMERS_NAMES[base] + suffix], rtol=1e-4, atol=1e-7, err_msg=name)
+    expected_total += {**WEIGHTS, "loss_ce": 5.0}[base] * value
+  np.testing.assert_allclose(total, expected_total, rtol=1e-5)
+  # The matching really changed: tied weights (5 / 20 / 1) match differently on these predictions.
+  tied = transformers_loss(outputs, targets, cost_class=5.0)
+  assert any(abs(tied[key] - theirs[key]) > 1e-3 for key in theirs)
 
 
 def test_padded_slots_do_not_matter():

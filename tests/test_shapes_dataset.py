@@ -1,5 +1,8 @@
 """The built-in `maskformer_shapes` dataset, built as its "tiny" config through TFDS: segments against the panoptic
 PNGs, COCO panoptic conventions, determinism, and the panoptic id encoding against its formula."""
+import colorsys
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -135,3 +138,33 @@ def test_rgb2id_and_id2rgb_follow_the_formula():
   for bad in (-1, 256**3):
     with pytest.raises(ValueError, match="Segment ids must lie in"):
       panoptic.id2rgb(np.array([bad]))
+
+
+def _segment_hues(examples) -> list[tuple[str, float]]:
+  """(class name, hue in degrees of the median colour) of every non-crowd thing segment."""
+  hues = []
+  for example in examples:
+    ids = formula_rgb2id(example["panoptic_image"])
+    objects = example["panoptic_objects"]
+    for segment_id, label, crowd in zip(objects["id"], objects["label"], objects["is_crowd"]):
+      name = shapes.CLASS_NAMES[label]
+      if name in shapes.THING_SHAPES and not crowd:
+        rgb = np.median(example["image"][ids == segment_id], axis=0) / 255
+        hues.append((name, 360 * colorsys.rgb_to_hsv(*rgb)[0]))
+  return hues
+
+
+def _hue_distance(a: float, b: float) -> float:
+  return min(abs(a - b), 360 - abs(a - b))
+
+
+def test_thing_hues_follow_their_class_only_with_color_by_class(tiny):
+  builder, _ = tiny
+  by_class = _segment_hues(all_examples(tiny))
+  assert len(by_class) > 20 and {name for name, _ in by_class} == set(shapes.THING_SHAPES)
+  for name, hue in by_class:  # class hue +-12 degrees, plus what noise and shading do to the median
+    assert _hue_distance(hue, shapes.CLASS_HUES[name]) < 25, (name, hue)
+  config = dataclasses.replace(builder.builder_config, color_by_class=False)
+  uniform = _segment_hues(shapes.generate_example(np.random.default_rng([0, i]), config) for i in range(40))
+  near = [_hue_distance(hue, shapes.CLASS_HUES[name]) < 25 for name, hue in uniform]
+  assert len(near) > 40 and np.mean(near) < 0.4  # uniform hues land within 25 degrees about 14% of the time

@@ -3,8 +3,10 @@
 
 Each image is a landscape of stuff (sky on top, ground and water below with wavy boundaries, each with its own
 texture) on which thing instances are drawn in order, later ones on top: circles, squares, triangles, rings and
-crosses of random size, rotation and colour. Colour never identifies a thing class; only the shape does. Instances
-are often placed against an earlier one, so that they touch or occlude it. Features of one example:
+crosses of random size, rotation and colour. With `color_by_class` (the default) a thing's hue lies within
+CLASS_HUE_JITTER of its class's hue (saturation and brightness vary freely), so colour hints at the class and shape
+confirms it; without it colours are uniform and only the shape tells the class. Instances are often placed
+against an earlier one, so that they touch or occlude it, two instances of a class in similar colours. Features of one example:
   image             uint8 `[S, S, 3]` PNG, S = config.image_size
   image/id          int64, unique over the splits of a config
   panoptic_image    uint8 `[S, S, 3]` PNG, segment id R + 256 G + 256^2 B per pixel, 0 = void
@@ -21,6 +23,7 @@ Example i of a split comes from `np.random.default_rng([config.seed, split seed,
 same whatever the order or parallelism of generation. Nothing is downloaded. Importing this module registers the
 builder with TFDS: `tfds.builder("maskformer_shapes/tiny", data_dir=...)`.
 """
+import colorsys
 import dataclasses
 
 import numpy as np
@@ -42,6 +45,10 @@ STUFF_COLORS = {"sky": (120, 175, 230), "ground": (125, 100, 60), "water": (35, 
 # stuff colours or to an earlier instance's colour, so that edges between segments stay visible.
 MIN_COLOR_DISTANCE = 70.0
 MAX_COLOR_DRAWS = 20
+# Hue (degrees) of each thing class with color_by_class, away from the stuff hues (blue sky and water, brown
+# ground), and how far an instance's hue may stray from it.
+CLASS_HUES = {"circle": 0.0, "square": 60.0, "triangle": 120.0, "ring": 165.0, "cross": 290.0}
+CLASS_HUE_JITTER = 12.0
 SPLIT_SEEDS = {"train": 0, "validation": 1, "test": 2}
 # image/id = split seed x IMAGE_ID_STRIDE + index keeps ids unique over the splits.
 IMAGE_ID_STRIDE = 1_000_000
@@ -64,14 +71,15 @@ class MaskformerShapesConfig(tfds.core.BuilderConfig):
   stuff_color_jitter: float = 25.0
   crowd_prob: float = 0.02  # chance that an image holds one crowd segment
   void_prob: float = 0.1  # chance that an image has a void border (1-2 pixels on some sides)
+  color_by_class: bool = True  # thing hues near their class's CLASS_HUES entry; False: uniform random colours
   seed: int = 0
 
 
 class MaskformerShapes(tfds.core.GeneratorBasedBuilder):
   """Procedural COCO-panoptic-style shapes on textured landscapes (see the module docstring)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Thing colours by class (color_by_class)."}
   BUILDER_CONFIGS = [
       MaskformerShapesConfig(
           name="default", description="64x64 images, 1,000 train / 100 validation / 100 test.",
@@ -179,13 +187,22 @@ def _stuff_texture(rng: np.random.Generator, config: MaskformerShapesConfig, nam
   return color + pattern + rng.normal(0, config.texture_noise, (size, size, 3))
 
 
-def _thing_color(rng: np.random.Generator, avoid: list) -> np.ndarray:
-  """A random RGB colour float `[3]`, redrawn while it is within MIN_COLOR_DISTANCE of a colour in `avoid`."""
+def _thing_color(rng: np.random.Generator, avoid: list, hue: float | None) -> np.ndarray:
+  """A random RGB colour float `[3]` (with `hue`: that hue in degrees, +-CLASS_HUE_JITTER, at a random saturation
+  and brightness), redrawn while it is within MIN_COLOR_DISTANCE of a colour in `avoid`."""
   for _ in range(MAX_COLOR_DRAWS):
-    color = rng.uniform(0, 255, 3)
+    if hue is None:
+      color = rng.uniform(0, 255, 3)
+    else:
+      h = (hue + rng.uniform(-CLASS_HUE_JITTER, CLASS_HUE_JITTER)) % 360 / 360
+      color = 255 * np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0)))
     if all(np.linalg.norm(color - other) >= MIN_COLOR_DISTANCE for other in avoid):
       break
   return color
+
+
+def _class_hue(config: "MaskformerShapesConfig", label: int) -> float | None:
+  return CLASS_HUES[THING_SHAPES[label]] if config.color_by_class else None
 
 
 def _shape_mask(rng: np.random.Generator, shape: str, dy: np.ndarray, dx: np.ndarray, radius: float) -> np.ndarray:
@@ -235,7 +252,9 @@ def _things(rng: np.random.Generator, config: MaskformerShapesConfig, y: np.ndar
       centre = np.clip(centres[other] + distance * np.array([np.sin(direction), np.cos(direction)]), 0, size)
     else:
       centre = rng.uniform(radius / 2, size - radius / 2, 2)
-    color = _thing_color(rng, stuff_colors + colors)
+    # Instances of one class are alike in colour with color_by_class: only the stuff is kept at a distance.
+    color = _thing_color(rng, stuff_colors if config.color_by_class else stuff_colors + colors,
+                         _class_hue(config, label))
     mask = _shape_mask(rng, THING_SHAPES[label], y - centre[0], x - centre[1], radius)
     layers.append((mask, _paint(rng, config, color, y, x), label, False))
     centres.append(centre)
@@ -248,7 +267,8 @@ def _things(rng: np.random.Generator, config: MaskformerShapesConfig, y: np.ndar
 
 def _crowd(rng: np.random.Generator, config: MaskformerShapesConfig, y: np.ndarray, x: np.ndarray,
            stuff_colors: list) -> tuple:
-  """One crowd layer: 4-7 small shapes of one class clustered around a point, each in its own colour."""
+  """One crowd layer: 4-7 small shapes of one class clustered around a point, each in its own colour (of the
+  class's hue with color_by_class)."""
   size = config.image_size
   label = int(rng.integers(len(THING_SHAPES)))
   centre = rng.uniform(0.2, 0.8, 2) * size
@@ -258,7 +278,7 @@ def _crowd(rng: np.random.Generator, config: MaskformerShapesConfig, y: np.ndarr
     piece_centre = centre + rng.normal(0, 0.08 * size, 2)
     piece = _shape_mask(rng, THING_SHAPES[label], y - piece_centre[0], x - piece_centre[1],
                         rng.uniform(0.05, 0.08) * size)
-    rgb[piece] = _paint(rng, config, _thing_color(rng, stuff_colors), y, x)[piece]
+    rgb[piece] = _paint(rng, config, _thing_color(rng, stuff_colors, _class_hue(config, label)), y, x)[piece]
     mask |= piece
   return mask, rgb, label, True
 
