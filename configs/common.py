@@ -265,7 +265,7 @@ def coco_panoptic_config(backbone: ConfigDict, pixel_decoder: ConfigDict, in_fea
 
 def shapes_config() -> ConfigDict:
   """The built-in procedural panoptic dataset (`maskformer_shapes`, 64x64 images) with a model small enough to
-  learn it in about ten minutes on two CPU cores: a 4-stage Swin of width 32, a 64-channel FPN and a 3-layer
+  learn it in about eleven minutes on two CPU cores: a 4-stage Swin of width 32, a 64-channel FPN and a 3-layer
   decoder with 20 queries. The architecture is MaskFormer's; only the sizes are scaled down."""
   num_classes = ml_collections.FieldReference(8)
   backbone = ConfigDict(dict(name='swin', embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,

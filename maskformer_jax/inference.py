@@ -264,10 +264,15 @@ def _forward(model: MaskFormer, variables: dict, images: jax.Array) -> tuple[jax
   return outputs["pred_logits"][0], outputs["pred_masks"][0]
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "output_size", "postprocess_before_inference"))
-def _semantic_and_masks(class_logits, mask_logits, image_size, output_size, postprocess_before_inference):
-  """Semantic argmax map `[H, W]` int32 and the mask logits at the original size `[Q, H, W]`."""
-  masks = postprocess_mask_logits(mask_logits, image_size, output_size)
+@functools.partial(jax.jit, static_argnames=("image_size", "output_size", "postprocess_before_inference",
+                                             "return_masks"))
+def _semantic_and_masks(class_logits, mask_logits, image_size, output_size, postprocess_before_inference,
+                        return_masks):
+  """Semantic argmax map `[H, W]` int32, and the mask logits at the original size `[Q, H, W]` if `return_masks`
+  (else None: a semantic-only prediction never makes them)."""
+  masks = None
+  if postprocess_before_inference or return_masks:
+    masks = postprocess_mask_logits(mask_logits, image_size, output_size)
   if postprocess_before_inference:
     semantic = semantic_inference(class_logits, masks)
   else:
@@ -275,7 +280,7 @@ def _semantic_and_masks(class_logits, mask_logits, image_size, output_size, post
     # K-channel score map (bilinear resizing does not commute with the sigmoid, so the maps differ slightly).
     padded = resize_bilinear(mask_logits, (MASK_STRIDE * mask_logits.shape[-2], MASK_STRIDE * mask_logits.shape[-1]))
     semantic = sem_seg_postprocess(semantic_inference(class_logits, padded), image_size, output_size)
-  return semantic.argmax(0).astype(jnp.int32), masks
+  return semantic.argmax(0).astype(jnp.int32), masks if return_masks else None
 
 
 def predict(model: MaskFormer, variables: dict, image: np.ndarray, test_config: ml_collections.ConfigDict,
@@ -302,7 +307,7 @@ def predict(model: MaskFormer, variables: dict, image: np.ndarray, test_config: 
   images, image_size = prepare_image(image, test_config.min_size_test, test_config.max_size_test)
   class_logits, mask_logits = _forward(model, variables, jnp.asarray(images))
   semantic, masks = _semantic_and_masks(class_logits, mask_logits, image_size, image.shape[:2],
-                                        bool(test_config.sem_seg_postprocess_before_inference))
+                                        bool(test_config.sem_seg_postprocess_before_inference), is_thing is not None)
   result = {"semantic": np.asarray(semantic)}
   if is_thing is not None:
     result["panoptic"], result["segments"] = panoptic_inference(

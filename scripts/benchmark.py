@@ -1,6 +1,6 @@
 """Benchmarks maskformer-jax against transformers' PyTorch MaskFormer on the same CPU, side by side in one run.
 
-    .venv/bin/python scripts/benchmark.py [--sections=forward,matching,loss,train_step,pipeline]
+    .venv/bin/python scripts/benchmark.py [--sections=forward,inference,matching,loss,train_step,pipeline]
         [--models=resnet50,swin_tiny] [--size=512] [--batch=1] [--match-batch=16] [--repeats=7] [--warmup=2]
         [--train-batch=2] [--train-repeats=5] [--train-warmup=2]
         [--pipeline-batch=16] [--pipeline-batches=20] [--pipeline-warmup=3] [--json=PATH]
@@ -15,6 +15,30 @@ Sections:
     a per-query conv, `PixelEmbeddings.mask_logits`). Times are the median (and min) of `--repeats` calls after
     `--warmup` calls; JAX compilation is excluded and reported separately. The max |ours - theirs| over
     pred_logits and pred_masks is a sanity check that both ran the same network (expect ~1e-5).
+  inference: end-to-end latency (ms) per image of semantic segmentation as a user runs it, model plus pre- and
+    post-processing, for the ADE20K configs (`configs/ade20k_r50.py`, `configs/ade20k_swin_tiny.py`: semantic,
+    `sem_seg_postprocess_before_inference=False`, short side `--size`, long side at most 4x), same weights as in
+    forward (150 classes, like ADE20K), on one seeded random uint8 RGB image of `--size` (512) squared, so that the
+    test-time resize is the identity and there is no padding on either side. Ours:
+    `inference.predict(model, variables, image, config.test)` (resize, normalise and pad to /32 in numpy, the
+    jitted forward, the jitted mask post-processing and semantic inference, the copy of the int32 map to the
+    host), variables already on the device. Theirs, all under `torch.inference_mode()`:
+    `MaskFormerImageProcessorPil(size={"shortest_edge": size, "longest_edge": 4 * size})` (its defaults are
+    COCO's 800 / 1333; it keeps bilinear PIL resizing, rescaling by 1/255 and ImageNet's mean/std, our mean/std
+    on the 0..255 scale, and `size_divisor=32`, which rounds the resized size up to a multiple of 32 by
+    stretching the image, where we pad; its size rounding truncates where Detectron2's rounds; neither matters
+    here), the model given the processor's `pixel_values` and `pixel_mask`, and
+    `post_process_semantic_segmentation(outputs, target_sizes=[(size, size)])`. Median (and min) of `--repeats`
+    images after `--warmup`; compile s is the wall time of our first call (both jitted functions compiled, plus
+    one run). Untimed checks: input max abs diff between our `prepare_image` and the processor's `pixel_values`
+    (expect ~5e-7), and agreement, the fraction of pixels where the two semantic maps agree. Expect 100%, but
+    read it with "classes in map": this random network's queries all predict the same class, so both maps are
+    one class everywhere and agreement only shows that both pick that class at the right size (the forward
+    section checks the networks themselves). With a trained network it would fall slightly short of 100% because
+    the post-processing differs: transformers marginalises the class scores at the mask logits' 1/4 resolution
+    and upsamples the K-channel score map, where MaskFormer (and we) upsample the mask logits to the padded
+    input and take the sigmoid there (sigmoid and bilinear resizing do not commute; see tests/test_inference.py);
+    transformers also never crops padding away, harmless here since there is none.
 
   matching: Hungarian matching of a padded batch as the loss sees it: `--match-batch` (16) images, 100 queries,
     100 target slots of which 5, 20 or 50 are real, U(0, 1) costs (seeded). Ours: `match_queries` with the
@@ -80,7 +104,7 @@ import torch
 import transformers
 from transformers.models.maskformer.modeling_maskformer import MaskFormerHungarianMatcher, MaskFormerLoss
 
-from maskformer_jax import train
+from maskformer_jax import inference, train
 from maskformer_jax.convert.hf import load_hf_checkpoint
 from maskformer_jax.data import pipeline
 from maskformer_jax.losses import maskformer_loss
@@ -89,7 +113,7 @@ from maskformer_jax.models import SIZE_DIVISIBILITY, build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # for `configs` and `hf_reference`
-from configs import ade20k_r50, common  # noqa: E402  pylint: disable=wrong-import-position
+from configs import ade20k_r50, ade20k_swin_tiny, common  # noqa: E402  pylint: disable=wrong-import-position
 from hf_reference import make_hf_model  # noqa: E402  pylint: disable=wrong-import-position
 
 MODELS = ("resnet50", "swin_tiny")
@@ -150,6 +174,79 @@ def forward_rows(args) -> list[dict]:
         "transformers (PyTorch) ms": _ms(theirs), "speed-up": f"{theirs['median_ms'] / ours['median_ms']:.2f}x",
         "compile s": f"{compile_s:.1f}", "max abs diff": f"{diff:.1e}",
         "raw": {"ours": ours, "theirs": theirs, "compile_s": compile_s, "max_abs_diff": diff},
+    })
+  return rows
+
+
+def _ade20k_test_config(kind: str, size: int):
+  """`get_config().test` of configs/ade20k_r50.py or ade20k_swin_tiny.py; at another `--size`, that recipe's test
+  config at that size (short side `size`, long side at most 4x)."""
+  if size == 512:
+    return {"resnet50": ade20k_r50, "swin_tiny": ade20k_swin_tiny}[kind].get_config().test
+  backbone = common.resnet_backbone(50) if kind == "resnet50" else common.swin_backbone("tiny")
+  return common.ade20k_config(backbone, size).test
+
+
+def inference_rows(args) -> list[dict]:
+  """Per-image latency of `inference.predict` vs transformers' processor + model + semantic post-processing, same
+  weights and image, one row per model, with the fraction of pixels where the semantic maps agree."""
+  rows = []
+  for kind in args.models:
+    hf_model = make_hf_model(kind)
+    with tempfile.TemporaryDirectory() as tmp:
+      hf_model.save_pretrained(tmp)
+      model_config, variables = load_hf_checkpoint(tmp)
+    model = build_model(model_config)
+    test_config = _ade20k_test_config(kind, args.size)
+    num_labels = hf_model.config.num_labels
+    if model_config.num_classes != num_labels or test_config.sem_seg_postprocess_before_inference:
+      raise RuntimeError(f"expected the same classes on both sides and a semantic test config; got "
+                         f"{model_config.num_classes} classes, {num_labels} in transformers, "
+                         f"sem_seg_postprocess_before_inference="
+                         f"{test_config.sem_seg_postprocess_before_inference}")
+    if test_config.min_size_test != args.size:
+      raise RuntimeError(f"test resize to {test_config.min_size_test} would not be the identity at {args.size}")
+
+    image = np.random.default_rng(0).integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
+    variables = jax.device_put(variables)
+
+    def ours_predict():
+      return inference.predict(model, variables, image, test_config)["semantic"]
+
+    start = time.perf_counter()
+    ours_map = ours_predict()
+    compile_s = time.perf_counter() - start
+    ours = time_fn(ours_predict, args.repeats, args.warmup)
+
+    processor = transformers.MaskFormerImageProcessorPil(
+        size={"shortest_edge": test_config.min_size_test, "longest_edge": test_config.max_size_test})
+
+    def torch_predict():
+      with torch.inference_mode():
+        inputs = processor(images=image, return_tensors="pt")
+        outputs = hf_model(**inputs)
+        semantic = processor.post_process_semantic_segmentation(outputs, target_sizes=[(args.size, args.size)])
+      return semantic[0].numpy()
+
+    theirs_map = torch_predict()
+    theirs = time_fn(torch_predict, args.repeats, args.warmup)
+
+    # Untimed checks: both sides feed their networks the same pixels, and produce maps of the same size.
+    ours_input, _ = inference.prepare_image(image, test_config.min_size_test, test_config.max_size_test)
+    theirs_input = processor(images=image, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
+    if ours_input.shape != theirs_input.shape or ours_map.shape != theirs_map.shape:
+      raise RuntimeError(f"shapes differ: model inputs ours {ours_input.shape}, transformers {theirs_input.shape}; "
+                         f"semantic maps ours {ours_map.shape}, transformers {theirs_map.shape}")
+    input_diff = float(np.max(np.abs(ours_input - theirs_input)))
+    agreement = float(np.mean(ours_map == theirs_map))
+    classes = (len(np.unique(ours_map)), len(np.unique(theirs_map)))
+    rows.append({
+        "model": kind, "input": f"{args.size}x{args.size}x3 uint8", "ours (JAX) ms": _ms(ours),
+        "transformers (PyTorch) ms": _ms(theirs), "speed-up": f"{theirs['median_ms'] / ours['median_ms']:.2f}x",
+        "compile s": f"{compile_s:.1f}", "agreement": f"{agreement:.2%}",
+        "classes in map (ours / theirs)": f"{classes[0]} / {classes[1]}", "input max abs diff": f"{input_diff:.1e}",
+        "raw": {"ours": ours, "theirs": theirs, "compile_s": compile_s, "agreement": agreement,
+                "classes_in_map": classes, "input_max_abs_diff": input_diff},
     })
   return rows
 
@@ -473,8 +570,8 @@ def pipeline_rows(args, train_step: list[dict] | None = None) -> list[dict]:
   }]
 
 
-SECTIONS = {"forward": forward_rows, "matching": matching_rows, "loss": loss_rows, "train_step": train_step_rows,
-            "pipeline": pipeline_rows}
+SECTIONS = {"forward": forward_rows, "inference": inference_rows, "matching": matching_rows, "loss": loss_rows,
+            "train_step": train_step_rows, "pipeline": pipeline_rows}
 
 
 def _cpu_name() -> str:

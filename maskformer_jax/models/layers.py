@@ -211,10 +211,14 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes masks `[..., h, w]` to `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`:
-  two small matrix products, in full float32 on every backend."""
-  rows = bilinear_matrix(x.shape[-2], size[0])
-  cols = bilinear_matrix(x.shape[-1], size[1])
-  return jnp.einsum("Hh,...hw,Ww->...HW", rows, x, cols, precision=jax.lax.Precision.HIGHEST)
+  a small matrix product per resized axis (an axis that keeps its size is left alone), in full float32 on every
+  backend."""
+  precision = jax.lax.Precision.HIGHEST
+  if x.shape[-2] != size[0]:
+    x = jnp.einsum("Hh,...hw->...Hw", bilinear_matrix(x.shape[-2], size[0]), x, precision=precision)
+  if x.shape[-1] != size[1]:
+    x = jnp.einsum("...hw,Ww->...hW", x, bilinear_matrix(x.shape[-1], size[1]), precision=precision)
+  return x
 
 
 def sine_position_encoding(height: int, width: int, num_pos_feats: int, temperature: float = 10000.0
