@@ -217,3 +217,13 @@ def test_large_conv_gradient_by_taps_equals_xla():
   # The tap path really is the one taken: its kernel gradient is nine matmuls, one per tap.
   text = jax.jit(jax.grad(lambda k: jnp.vdot(layers.conv2d(x, k), probe))).lower(kernel).as_text()
   assert text.count("dot_general") >= 9  # (and the vdot)
+
+
+@pytest.mark.parametrize("size", [(11, 19), (11, 7), (5, 19), (5, 7), (3, 4)], ids=["both", "rows", "cols", "none",
+                                                                                 "down"])
+def test_resize_bilinear_equals_torch(size):
+  """Resized axes follow PyTorch's bilinear interpolation (align_corners=False); an unresized axis is unchanged."""
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+  expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
+                                             align_corners=False).numpy()
+  np.testing.assert_allclose(layers.resize_bilinear(jnp.asarray(x), size), expected, atol=2e-6)

@@ -211,13 +211,17 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   """Resizes masks `[..., h, w]` to `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`:
-  a small matrix product per resized axis (an axis that keeps its size is left alone), in full float32 on every
-  backend."""
+  small matrix products over the resized axes (an axis that keeps its size is left alone), in full float32 on
+  every backend."""
+  rows, cols = x.shape[-2] != size[0], x.shape[-1] != size[1]
   precision = jax.lax.Precision.HIGHEST
-  if x.shape[-2] != size[0]:
-    x = jnp.einsum("Hh,...hw->...Hw", bilinear_matrix(x.shape[-2], size[0]), x, precision=precision)
-  if x.shape[-1] != size[1]:
-    x = jnp.einsum("...hw,Ww->...hW", x, bilinear_matrix(x.shape[-1], size[1]), precision=precision)
+  if rows and cols:
+    return jnp.einsum("Hh,...hw,Ww->...HW", bilinear_matrix(x.shape[-2], size[0]), x,
+                      bilinear_matrix(x.shape[-1], size[1]), precision=precision)
+  if rows:
+    return jnp.einsum("Hh,...hw->...Hw", bilinear_matrix(x.shape[-2], size[0]), x, precision=precision)
+  if cols:
+    return jnp.einsum("...hw,Ww->...hW", x, bilinear_matrix(x.shape[-1], size[1]), precision=precision)
   return x
 
 
