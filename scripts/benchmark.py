@@ -135,15 +135,21 @@ def _ms(timing: dict, digits: int = 1) -> str:
   return f"{timing['median_ms']:.{digits}f} (min {timing['min_ms']:.{digits}f})"
 
 
+def _same_weights(kind: str) -> tuple:
+  """`(hf_model, model, variables)`: the seeded random transformers model of tests/hf_reference.py and ours with its
+  weights, read back from its `save_pretrained` copy."""
+  hf_model = make_hf_model(kind)
+  with tempfile.TemporaryDirectory() as tmp:
+    hf_model.save_pretrained(tmp)
+    model_config, variables = load_hf_checkpoint(tmp)
+  return hf_model, build_model(model_config), variables
+
+
 def forward_rows(args) -> list[dict]:
   """Forward latency of ours vs transformers, same weights and input, one row per model."""
   rows = []
   for kind in args.models:
-    hf_model = make_hf_model(kind)
-    with tempfile.TemporaryDirectory() as tmp:
-      hf_model.save_pretrained(tmp)
-      model_config, variables = load_hf_checkpoint(tmp)
-    model = build_model(model_config)
+    hf_model, model, variables = _same_weights(kind)
 
     images = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
     pixel_values = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
@@ -192,16 +198,12 @@ def inference_rows(args) -> list[dict]:
   weights and image, one row per model, with the fraction of pixels where the semantic maps agree."""
   rows = []
   for kind in args.models:
-    hf_model = make_hf_model(kind)
-    with tempfile.TemporaryDirectory() as tmp:
-      hf_model.save_pretrained(tmp)
-      model_config, variables = load_hf_checkpoint(tmp)
-    model = build_model(model_config)
+    hf_model, model, variables = _same_weights(kind)
     test_config = _ade20k_test_config(kind, args.size)
     num_labels = hf_model.config.num_labels
-    if model_config.num_classes != num_labels or test_config.sem_seg_postprocess_before_inference:
+    if model.predictor.num_classes != num_labels or test_config.sem_seg_postprocess_before_inference:
       raise RuntimeError(f"expected the same classes on both sides and a semantic test config; got "
-                         f"{model_config.num_classes} classes, {num_labels} in transformers, "
+                         f"{model.predictor.num_classes} classes, {num_labels} in transformers, "
                          f"sem_seg_postprocess_before_inference="
                          f"{test_config.sem_seg_postprocess_before_inference}")
     if test_config.min_size_test != args.size:
