@@ -184,22 +184,13 @@ def forward_rows(args) -> list[dict]:
   return rows
 
 
-def _ade20k_test_config(kind: str, size: int):
-  """`get_config().test` of configs/ade20k_r50.py or ade20k_swin_tiny.py; at another `--size`, that recipe's test
-  config at that size (short side `size`, long side at most 4x)."""
-  if size == 512:
-    return {"resnet50": ade20k_r50, "swin_tiny": ade20k_swin_tiny}[kind].get_config().test
-  backbone = common.resnet_backbone(50) if kind == "resnet50" else common.swin_backbone("tiny")
-  return common.ade20k_config(backbone, size).test
-
-
 def inference_rows(args) -> list[dict]:
   """Per-image latency of `inference.predict` vs transformers' processor + model + semantic post-processing, same
   weights and image, one row per model, with the fraction of pixels where the semantic maps agree."""
   rows = []
   for kind in args.models:
     hf_model, model, variables = _same_weights(kind)
-    test_config = _ade20k_test_config(kind, args.size)
+    test_config = _ade20k_config(args.size, kind).test
     num_labels = hf_model.config.num_labels
     if model.predictor.num_classes != num_labels or test_config.sem_seg_postprocess_before_inference:
       raise RuntimeError(f"expected the same classes on both sides and a semantic test config; got "
@@ -391,9 +382,13 @@ def loss_rows(args) -> list[dict]:
 TRAIN_SEGMENTS = 10  # real segments per image in the train_step section
 
 
-def _ade20k_config(size: int):
-  """configs/ade20k_r50.py's config; at another `--size`, the same recipe with that crop size."""
-  return ade20k_r50.get_config() if size == 512 else common.ade20k_config(common.resnet_backbone(50), size)
+def _ade20k_config(size: int, kind: str = "resnet50"):
+  """configs/ade20k_r50.py's (or ade20k_swin_tiny.py's) config; at another `--size`, the same recipe with that crop
+  size (test: short side `size`, long side at most 4x)."""
+  if size == 512:
+    return {"resnet50": ade20k_r50, "swin_tiny": ade20k_swin_tiny}[kind].get_config()
+  backbone = common.resnet_backbone(50) if kind == "resnet50" else common.swin_backbone("tiny")
+  return common.ade20k_config(backbone, size)
 
 
 def _voronoi(rng: np.random.Generator, shape: tuple, count: int) -> np.ndarray:

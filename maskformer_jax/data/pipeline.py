@@ -100,6 +100,17 @@ def check_example(image_id: tf.Tensor, image: tf.Tensor, id_map: tf.Tensor, obje
   ]
 
 
+def decode_example(example: dict, data: ml_collections.ConfigDict) -> tuple:
+  """`(image_id, image uint8 [H, W, 3], id_map int32 [H, W], objects)` of one encoded example, after
+  `check_example`: everything returned goes through identities that depend on the checks, so no op can fail on bad
+  data before the checks report it."""
+  image_id, objects = example["image/id"], example["panoptic_objects"]
+  image = decode_image(example["image"], image_id, "image", png_only=False)
+  id_map = panoptic.rgb2id_tf(decode_image(example["panoptic_image"], image_id, "panoptic_image", png_only=True))
+  with tf.control_dependencies(check_example(image_id, image, id_map, objects, data)):
+    return tf.nest.map_structure(tf.identity, (image_id, image, id_map, objects))
+
+
 def _lookup(keys: tf.Tensor, values: tf.Tensor, query: tf.Tensor, default: int) -> tf.Tensor:
   """`values[i]` where `query == keys[i]`, else `default`: keys int32 `[N]` (distinct, any order), values int32
   `[N]`, query int32 of any shape."""
@@ -169,13 +180,7 @@ def example_fn(data: ml_collections.ConfigDict, *, train: bool):
     fix = "or lower data.max_size_train"
 
   def fn(index: tf.Tensor, example: dict) -> dict:
-    image_id = example["image/id"]
-    objects = example["panoptic_objects"]
-    image = decode_image(example["image"], image_id, "image", png_only=False)
-    id_map = panoptic.rgb2id_tf(decode_image(example["panoptic_image"], image_id, "panoptic_image", png_only=True))
-    # Everything below goes through these identities, so no op can fail on bad data before the checks report it.
-    with tf.control_dependencies(check_example(image_id, image, id_map, objects, data)):
-      image, id_map, objects = tf.nest.map_structure(tf.identity, (image, id_map, objects))
+    image_id, image, id_map, objects = decode_example(example, data)
     image = tf.cast(image, tf.float32)
     if train:
       seed = tf.stack([tf.constant(data.seed, tf.int64), tf.cast(index, tf.int64)])
@@ -352,13 +357,10 @@ def ground_truth_examples(data: ml_collections.ConfigDict, split: str, *, proces
   count = int(examples.cardinality())
 
   def decode(example: dict) -> dict:
-    image_id, objects = example["image/id"], example["panoptic_objects"]
-    image = decode_image(example["image"], image_id, "image", png_only=False)
-    id_map = panoptic.rgb2id_tf(decode_image(example["panoptic_image"], image_id, "panoptic_image", png_only=True))
-    with tf.control_dependencies(check_example(image_id, image, id_map, objects, data)):
-      semantic = semantic_map(id_map, objects, data.ignore_label)
-      return {"image_id": image_id, "image": image, "panoptic": id_map, "semantic": semantic,
-              "ids": objects["id"], "labels": objects["label"], "is_crowd": objects["is_crowd"]}
+    image_id, image, id_map, objects = decode_example(example, data)
+    return {"image_id": image_id, "image": image, "panoptic": id_map,
+            "semantic": semantic_map(id_map, objects, data.ignore_label),
+            "ids": objects["id"], "labels": objects["label"], "is_crowd": objects["is_crowd"]}
 
   def numpy_examples():
     # Batches' iterator turns a failed check into a ValueError naming the example.
