@@ -7,7 +7,7 @@ into WORKDIR/pictures.
 Train and evaluate:
   python scripts/train.py --config=configs/shapes_swin_mini.py --workdir=workdirs/shapes
 
-Expected (validation split, 100 images): PQ 63.3 (things 45.6, stuff 92.9), mIoU 81.5, pAcc 95.8, against PQ 0 and
+Expected: validation split (100 images) PQ 63.3 (things 45.6, stuff 92.9), mIoU 81.5, pAcc 95.8, against PQ 0 and
 mIoU 2.3 untrained; the training loss falls from 22.9 at the first step to about 3.5 and the validation loss to
 2.83. The run is deterministic: the same machine gives the same figures (see the README).
 """
