@@ -10,7 +10,7 @@ The pipeline of the reference (`mask_former/mask_former_model.py`) for one image
 `predict` runs all of it on one uint8 image.
 """
 import functools
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from maskformer_jax.models import SIZE_DIVISIBILITY, MaskFormer, normalize_images
+from maskformer_jax.models import SIZE_DIVISIBILITY, MaskFormer, compiler_options, normalize_images
 from maskformer_jax.models.layers import resize_bilinear
 
 # Mask logits are predicted at 1/4 of the padded input resolution.
@@ -257,11 +257,16 @@ def instance_inference(class_logits: jax.Array, mask_logits: jax.Array, top_k: i
 # End to end on one image.
 # ----------------------------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
-def _forward(model: MaskFormer, variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-  # jit caches one compilation per (model, padded shape): Flax modules hash by their configuration.
+def _apply(model: MaskFormer, variables: dict, images: jax.Array) -> tuple[jax.Array, jax.Array]:
   outputs = model.apply(variables, images, train=False, aux_outputs=False)
   return outputs["pred_logits"][0], outputs["pred_masks"][0]
+
+
+@functools.cache
+def _jitted_apply() -> Callable:
+  """`_apply` jitted on first use (the compiler options depend on the backend, known once JAX has started); jit
+  caches one compilation per (model, padded shape): Flax modules hash by their configuration."""
+  return jax.jit(_apply, static_argnums=0, compiler_options=compiler_options())
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "output_size", "postprocess_before_inference",
@@ -305,7 +310,7 @@ def predict(model: MaskFormer, variables: dict, image: np.ndarray, test_config: 
     `panoptic_inference`) when `is_thing` is given. All numpy.
   """
   images, image_size = prepare_image(image, test_config.min_size_test, test_config.max_size_test)
-  class_logits, mask_logits = _forward(model, variables, jnp.asarray(images))
+  class_logits, mask_logits = _jitted_apply()(model, variables, jnp.asarray(images))
   semantic, masks = _semantic_and_masks(class_logits, mask_logits, image_size, image.shape[:2],
                                         bool(test_config.sem_seg_postprocess_before_inference), is_thing is not None)
   result = {"semantic": np.asarray(semantic)}

@@ -24,18 +24,20 @@ TERMS = ("loss_ce", "loss_mask", "loss_dice")
 MASK_CHUNK = 8
 
 
-def _mask_losses(logits: jax.Array, targets: jax.Array, focal_alpha: float, focal_gamma: float, with_grads: bool
-                 ) -> tuple:
-  """Per-mask sigmoid focal loss (mean over pixels) and dice loss (+1 smoothing), and optionally their gradients.
+def _mask_losses(logits: jax.Array, targets: jax.Array, focal_alpha: float, focal_gamma: float,
+                 grad_weights: tuple[float, float] | None = None) -> tuple:
+  """Per-mask sigmoid focal loss (mean over pixels) and dice loss (+1 smoothing), and optionally the gradient of
+  their weighted sum.
 
   Args:
     logits: float32 `[..., h, w]` mask logits, bilinearly upsampled to the targets' size first.
-    targets: bool or uint8 `[..., H, W]`.
+    targets: bool or uint8 `[..., H, W]` (broadcast against the logits' leading axes).
+    grad_weights: `(focal weight, dice weight)`, or None for the losses alone.
 
   Returns:
-    `(focal, dice)` `[...]`, plus `(focal_grad, dice_grad)` w.r.t. `logits` `[..., h, w]` if `with_grads`. The
-    gradients are written out because each mask's loss depends on its own logits only, which lets the loss keep a
-    per-mask gradient instead of differentiating through its loop (`matched_mask_losses`).
+    `(focal, dice)` `[...]`, plus, with `grad_weights`, the gradient of `focal weight * focal + dice weight * dice`
+    w.r.t. `logits` `[..., h, w]`. It is written out because each mask's loss depends on its own logits only,
+    which lets the loss keep a per-mask gradient instead of differentiating through its loop.
   """
   upsample = functools.partial(resize_bilinear, size=targets.shape[-2:])
   x = upsample(logits)
@@ -50,7 +52,7 @@ def _mask_losses(logits: jax.Array, targets: jax.Array, focal_alpha: float, foca
   numerator = 2 * jnp.sum(prob * t, pixels) + 1
   denominator = jnp.sum(prob, pixels) + jnp.sum(t, pixels) + 1
   dice = 1 - numerator / denominator
-  if not with_grads:
+  if grad_weights is None:
     return focal, dice
   # d/dx with dp/dx = p (1 - p), d bce/dx = p - t and d wrong/dx = (1 - 2t) p (1 - p).
   slope = prob * (1 - prob)
@@ -58,102 +60,136 @@ def _mask_losses(logits: jax.Array, targets: jax.Array, focal_alpha: float, foca
   if focal_gamma:
     focal_grad += alpha_t * bce * focal_gamma * wrong ** (focal_gamma - 1) * (1 - 2 * t) * slope
   dice_grad = (numerator[..., None, None] - 2 * t * denominator[..., None, None]) / denominator[..., None, None] ** 2
+  focal_weight, dice_weight = grad_weights
   _, upsample_transpose = jax.vjp(upsample, logits)  # linear: the transpose maps pixel gradients back to h x w
-  grads = jax.vmap(lambda g: upsample_transpose(g)[0])(jnp.stack([focal_grad / num_pixels, dice_grad * slope]))
-  return (focal, dice), (grads[0], grads[1])
+  (grad,) = upsample_transpose(focal_weight / num_pixels * focal_grad + dice_weight * dice_grad * slope)
+  return (focal, dice), grad
 
 
-def _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads):
-  """Per-slot focal and dice `[B, M]` (0 for padded slots) and, if asked, their gradients w.r.t. `chosen`.
-
-  A while loop visits the real slots of every image, `MASK_CHUNK` at a time; padded slots are never upsampled.
-  """
-  batch, num_slots = valid.shape
-  chunk = min(MASK_CHUNK, num_slots)
-  count = jnp.sum(valid, axis=1, dtype=jnp.int32)  # [B]
-  # order[b, p]: index of the p-th real slot of image b (the number of slots before it), for p < count[b].
-  seen = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # [B, M]
+def _real_slot_order(valid: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`(order, live)` `[B, M + chunk]`: `order[b, p]` is the index of image b's p-th real slot (clipped to M - 1
+  past the last one) and `live[b, p]` whether there is one."""
+  num_slots = valid.shape[1]
+  seen = jnp.cumsum(valid, axis=1, dtype=jnp.int32)  # [B, M]: real slots up to and including each slot
   position = jnp.arange(num_slots + chunk, dtype=jnp.int32)
   order = jnp.minimum(jnp.sum(seen[:, None, :] <= position[None, :, None], axis=-1, dtype=jnp.int32), num_slots - 1)
+  return order, position < seen[:, -1:]
+
+
+def _chunked_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
+  """Focal and dice of every real slot's matched query, `[B, L, M]` each (0 for padded slots), and with
+  `grad_weights` the gradient of their weighted sum w.r.t. the matched logits, `[B, L, M + chunk, h, w]` by
+  position in `_real_slot_order` (zeros past the real slots).
+
+  A while loop visits the real slots of every image, `MASK_CHUNK` at a time, for all L layers at once (each target
+  is read once per chunk); padded slots and unmatched queries are never upsampled.
+  """
+  num_slots = valid.shape[1]
+  chunk = min(MASK_CHUNK, num_slots)
+  order, live = _real_slot_order(valid, chunk)
   slots = jnp.arange(num_slots, dtype=jnp.int32)
 
   def body(state):
     start = state["chunk"] * chunk
-    index = jax.lax.dynamic_slice_in_dim(order, start, chunk, axis=1)  # [B, C]
-    live = start + jnp.arange(chunk) < count[:, None]
-    scatter = (live[..., None] & (index[..., None] == slots)).astype(jnp.float32)  # [B, C, M]: chunk -> slot
-    logits = jnp.take_along_axis(chosen, index[..., None, None], axis=1)
-    targets = jnp.take_along_axis(masks, index[..., None, None], axis=1)
-    out = _mask_losses(logits, targets, focal_alpha, focal_gamma, with_grads)
-    losses, grads = out if with_grads else (out, ())
+    index = jax.lax.dynamic_slice_in_dim(order, start, chunk, axis=1)  # [B, C] slots
+    chunk_live = jax.lax.dynamic_slice_in_dim(live, start, chunk, axis=1)  # [B, C]
+    query = jnp.take_along_axis(query_index, index[:, None, :], axis=2)  # [B, L, C]
+    logits = jnp.take_along_axis(pred_masks, jnp.maximum(query, 0)[..., None, None], axis=2)  # [B, L, C, h, w]
+    targets = jnp.take_along_axis(masks, index[..., None, None], axis=1)[:, None]  # [B, 1, C, H, W]
+    out = _mask_losses(logits.astype(jnp.float32), targets, focal_alpha, focal_gamma, grad_weights)
+    losses, grad = out if grad_weights else (out, None)
+    scatter = (chunk_live[..., None] & (index[..., None] == slots)).astype(jnp.float32)  # [B, C, M]: chunk -> slot
     state = dict(state, chunk=state["chunk"] + 1)
     for name, value in zip(("focal", "dice"), losses):
-      state[name] = state[name] + jnp.einsum("bc,bcm->bm", value, scatter)
-    for name, grad in zip(("focal_grad", "dice_grad"), grads):
-      state[name] = state[name] + jnp.einsum("bcm,bchw->bmhw", scatter, grad, precision=jax.lax.Precision.HIGHEST)
+      state[name] = state[name] + jnp.einsum("blc,bcm->blm", value, scatter)
+    if grad is not None:
+      grad = jnp.where(chunk_live[:, None, :, None, None], grad, 0)
+      state["grad"] = jax.lax.dynamic_update_slice_in_dim(state["grad"], grad, start, axis=2)
     return state
 
-  zeros = jnp.zeros_like(valid, jnp.float32)
+  zeros = jnp.zeros(query_index.shape, jnp.float32)
   state = {"chunk": jnp.int32(0), "focal": zeros, "dice": zeros}
-  if with_grads:
-    state.update(focal_grad=jnp.zeros_like(chosen), dice_grad=jnp.zeros_like(chosen))
-  num_chunks = (jnp.max(count) + chunk - 1) // chunk
+  if grad_weights:
+    state["grad"] = jnp.zeros((*query_index.shape[:2], order.shape[1], *pred_masks.shape[3:]), jnp.float32)
+  num_chunks = (jnp.max(jnp.sum(valid, axis=1, dtype=jnp.int32)) + chunk - 1) // chunk
   return jax.lax.while_loop(lambda s: s["chunk"] < num_chunks, body, state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def matched_mask_losses(chosen: jax.Array, masks: jax.Array, valid: jax.Array, focal_alpha: float,
-                        focal_gamma: float) -> tuple[jax.Array, jax.Array]:
-  """Sigmoid focal (mean over pixels) and dice loss of each target slot's matched prediction.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _weighted_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
+  state = _chunked_mask_losses(pred_masks, query_index, masks, valid, None, focal_alpha, focal_gamma)
+  focal_weight, dice_weight = grad_weights
+  return focal_weight * state["focal"] + dice_weight * state["dice"], (state["focal"], state["dice"])
+
+
+def _weighted_mask_losses_fwd(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
+  state = _chunked_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma)
+  focal_weight, dice_weight = grad_weights
+  out = focal_weight * state["focal"] + dice_weight * state["dice"], (state["focal"], state["dice"])
+  return out, (state["grad"], pred_masks.shape[2], query_index, masks, valid)
+
+
+def _weighted_mask_losses_bwd(grad_weights, focal_alpha, focal_gamma, residuals, cotangents):
+  del grad_weights, focal_alpha, focal_gamma  # baked into the stored gradient
+  position_grad, num_queries, query_index, masks, valid = residuals
+  cotangent, _ = cotangents  # the (focal, dice) outputs are diagnostics: the public wrapper stops their gradient
+  order, live = _real_slot_order(valid, position_grad.shape[2] - valid.shape[1])
+  slot_cotangent = jnp.take_along_axis(cotangent, order[:, None, :], axis=2)  # [B, L, P]
+  query = jnp.take_along_axis(query_index, order[:, None, :], axis=2)  # [B, L, P]
+  # Each position's gradient goes to its matched query: a one-hot product (queries are matched at most once).
+  route = (live[:, None, :, None] & (query[..., None] == jnp.arange(num_queries))) * slot_cotangent[..., None]
+  grad = jnp.einsum("blpq,blphw->blqhw", route, position_grad, precision=jax.lax.Precision.HIGHEST)
+  # query_index, masks and valid are integer or bool: their cotangents are the float0 zeros JAX expects.
+  return (grad, *(np.zeros(x.shape, jax.dtypes.float0) for x in (query_index, masks, valid)))
+
+
+_weighted_mask_losses.defvjp(_weighted_mask_losses_fwd, _weighted_mask_losses_bwd)
+
+
+def matched_mask_losses(pred_masks: jax.Array, query_index: jax.Array, masks: jax.Array, valid: jax.Array, *,
+                        mask_weight: float, dice_weight: float, focal_alpha: float, focal_gamma: float
+                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Sigmoid focal (mean over pixels) and dice loss of each target slot's matched query, in every layer.
 
   Args:
-    chosen: float32 `[B, M, h, w]` mask logits of the query matched to each slot (anything for padded slots).
+    pred_masks: float `[B, L, Q, h, w]` mask logits of L decoder layers.
+    query_index: int32 `[B, L, M]` the query matched to each slot in each layer (-1 for padded slots).
     masks: bool or uint8 `[B, M, H, W]` target masks; predictions are bilinearly upsampled to H x W.
     valid: bool `[B, M]`.
 
   Returns:
-    `(focal, dice)`, float32 `[B, M]` each, 0 for padded slots. A while loop over the real slots cannot be
-    differentiated in reverse mode, so a custom VJP keeps each slot's gradient, computed chunk by chunk.
+    `(weighted, focal, dice)`, float32 `[B, L, M]` each, 0 for padded slots, with `weighted = mask_weight * focal
+    + dice_weight * dice`. Only `weighted` carries a gradient (w.r.t. `pred_masks`): a custom VJP keeps the
+    gradient of each matched mask, computed in the loop, since a while loop cannot be differentiated in reverse
+    mode; one weighted gradient per mask halves the full-resolution work of keeping focal and dice apart.
   """
-  state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=False)
-  return state["focal"], state["dice"]
+  weighted, diagnostics = _weighted_mask_losses(pred_masks, query_index, masks, valid, (mask_weight, dice_weight),
+                                                focal_alpha, focal_gamma)
+  return (weighted, *jax.lax.stop_gradient(diagnostics))
 
 
-def _matched_mask_losses_fwd(chosen, masks, valid, focal_alpha, focal_gamma):
-  state = _chunked_mask_losses(chosen, masks, valid, focal_alpha, focal_gamma, with_grads=True)
-  return (state["focal"], state["dice"]), (state["focal_grad"], state["dice_grad"], masks, valid)
-
-
-def _matched_mask_losses_bwd(focal_alpha, focal_gamma, residuals, cotangents):
-  del focal_alpha, focal_gamma  # baked into the stored gradients
-  focal_grad, dice_grad, masks, valid = residuals
-  focal_cotangent, dice_cotangent = cotangents
-  grad = focal_cotangent[..., None, None] * focal_grad + dice_cotangent[..., None, None] * dice_grad
-  # masks and valid are integer or bool: their cotangents are the float0 zeros JAX expects.
-  return grad, np.zeros(masks.shape, jax.dtypes.float0), np.zeros(valid.shape, jax.dtypes.float0)
-
-
-matched_mask_losses.defvjp(_matched_mask_losses_fwd, _matched_mask_losses_bwd)
-
-
-def _layer_terms(pred_logits, pred_masks, query_index, targets, *, num_classes, no_object_weight, focal_alpha,
-                 focal_gamma, num_masks) -> dict:
-  """The three unweighted terms of one decoder layer, given its matching `query_index` `[B, M]`."""
+def _layer_terms(pred_logits, pred_masks, query_index, targets, *, num_classes, no_object_weight, mask_weight,
+                 dice_weight, focal_alpha, focal_gamma, num_masks) -> tuple[jax.Array, dict]:
+  """The weighted mask loss summed over layers and the three unweighted terms `[L]` of every decoder layer,
+  given predictions `[B, L, Q, ...]` and the matching `query_index` `[B, L, M]`."""
   labels, valid = targets["labels"], targets["valid"]
-  num_queries = pred_logits.shape[1]
+  num_queries = pred_logits.shape[2]
 
   # Classification: matched queries learn their target's class, all others "no object" (the last class).
-  matched = valid[..., None] & (query_index[..., None] == jnp.arange(num_queries))  # [B, M, Q]
-  target_class = jnp.where(matched.any(1), jnp.sum(matched * labels[..., None], axis=1), num_classes)  # [B, Q]
+  matched = valid[:, None, :, None] & (query_index[..., None] == jnp.arange(num_queries))  # [B, L, M, Q]
+  target_class = jnp.where(matched.any(2), jnp.sum(matched * labels[:, None, :, None], axis=2), num_classes)
   log_probs = jax.nn.log_softmax(pred_logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
+  nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]  # [B, L, Q]
   weight = jnp.where(target_class == num_classes, no_object_weight, 1.0)
-  loss_ce = jnp.sum(weight * nll) / jnp.sum(weight)  # PyTorch's weighted mean
+  loss_ce = jnp.sum(weight * nll, axis=(0, 2)) / jnp.sum(weight, axis=(0, 2))  # PyTorch's weighted mean
 
   # Masks: each real slot's matched prediction against its target.
-  chosen = jnp.take_along_axis(pred_masks, jnp.maximum(query_index, 0)[..., None, None], axis=1)  # [B, M, h, w]
-  focal, dice = matched_mask_losses(chosen.astype(jnp.float32), targets["masks"], valid, focal_alpha, focal_gamma)
-  return {"loss_ce": loss_ce, "loss_mask": jnp.sum(focal) / num_masks, "loss_dice": jnp.sum(dice) / num_masks}
+  weighted, focal, dice = matched_mask_losses(pred_masks, query_index, targets["masks"], valid,
+                                              mask_weight=mask_weight, dice_weight=dice_weight,
+                                              focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+  terms = {"loss_ce": loss_ce, "loss_mask": jnp.sum(focal, axis=(0, 2)) / num_masks,
+           "loss_dice": jnp.sum(dice, axis=(0, 2)) / num_masks}
+  return jnp.sum(weighted) / num_masks, terms
 
 
 def check_targets(targets: dict, num_classes: int, batch_size: int) -> None:
@@ -204,8 +240,8 @@ def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_wei
 
   Returns:
     `(total, terms)`: `terms` holds the unweighted `loss_ce`, `loss_mask`, `loss_dice` of the final layer and
-    `loss_ce_i`, `loss_mask_i`, `loss_dice_i` of auxiliary output i (0 = first decoder layer); `total` is their
-    weighted sum.
+    `loss_ce_i`, `loss_mask_i`, `loss_dice_i` of auxiliary output i (0 = first decoder layer), for logging (no
+    gradient flows through them); `total` is their weighted sum, and the one to differentiate.
   """
   layers = [*outputs.get("aux_outputs", []), outputs]
   check_targets(targets, num_classes, outputs["pred_logits"].shape[0])
@@ -213,27 +249,28 @@ def maskformer_loss(outputs: dict, targets: dict, *, num_classes: int, class_wei
     raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes; expected num_classes + 1 = "
                      f"{num_classes + 1} (the last is 'no object').")
   targets = {"labels": targets["labels"], "masks": targets["masks"], "valid": targets["valid"].astype(bool)}
-  # All layers are matched and scored together, stacked on a leading axis: one solver loop for all of them.
-  pred_logits = jnp.stack([layer["pred_logits"] for layer in layers])  # [L, B, Q, K+1]
-  pred_masks = jnp.stack([layer["pred_masks"] for layer in layers])  # [L, B, Q, h, w]
+  # All layers are matched and scored together, stacked after the batch axis (the layout in which the model
+  # computes the masks): one matching cost in which each layer's queries are more queries of the same image, one
+  # solver loop and one mask-loss loop for all layers, and no per-layer vmap to move the large tensors around.
+  pred_logits = jnp.stack([layer["pred_logits"] for layer in layers], axis=1)  # [B, L, Q, K+1]
+  pred_masks = jnp.stack([layer["pred_masks"] for layer in layers], axis=1)  # [B, L, Q, h, w]
+  batch, num_layers, num_queries = pred_masks.shape[:3]
   num_masks = jnp.maximum(jnp.sum(targets["valid"]), 1).astype(jnp.float32)
 
-  def layer_terms(logits, masks):
-    cost = matching.matching_cost(jax.lax.stop_gradient(logits), jax.lax.stop_gradient(masks), targets["labels"],
-                                  targets["masks"], targets["valid"],
-                                  class_weight=class_weight if match_class_weight is None else match_class_weight,
-                                  mask_weight=mask_weight, dice_weight=dice_weight,
-                                  focal_alpha=focal_alpha, focal_gamma=focal_gamma)
-    query_index = matching.match_queries(cost, targets["valid"], backend=matcher)
-    return _layer_terms(logits, masks, query_index, targets, num_classes=num_classes,
-                        no_object_weight=no_object_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma,
-                        num_masks=num_masks)
-
-  stacked = jax.vmap(layer_terms)(pred_logits, pred_masks)
+  cost = matching.matching_cost(
+      jax.lax.stop_gradient(pred_logits).reshape(batch, num_layers * num_queries, -1),
+      jax.lax.stop_gradient(pred_masks).reshape(batch, num_layers * num_queries, *pred_masks.shape[3:]),
+      targets["labels"], targets["masks"], targets["valid"],
+      class_weight=class_weight if match_class_weight is None else match_class_weight, mask_weight=mask_weight,
+      dice_weight=dice_weight, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
+  query_index = matching.match_queries(cost.reshape(batch * num_layers, num_queries, -1),
+                                       jnp.repeat(targets["valid"], num_layers, axis=0), backend=matcher)
+  mask_total, stacked = _layer_terms(pred_logits, pred_masks, query_index.reshape(batch, num_layers, -1), targets,
+                                     num_classes=num_classes, no_object_weight=no_object_weight,
+                                     mask_weight=mask_weight, dice_weight=dice_weight, focal_alpha=focal_alpha,
+                                     focal_gamma=focal_gamma, num_masks=num_masks)
   terms = {}
   for i in range(len(layers)):
     suffix = "" if i == len(layers) - 1 else f"_{i}"
-    terms.update({name + suffix: stacked[name][i] for name in TERMS})
-  weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
-  total = sum(weights[name] * stacked[name].sum() for name in TERMS)
-  return total, terms
+    terms.update({name + suffix: jax.lax.stop_gradient(stacked[name][i]) for name in TERMS})
+  return class_weight * stacked["loss_ce"].sum() + mask_total, terms

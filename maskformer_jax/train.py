@@ -29,7 +29,7 @@ from maskformer_jax import evaluation, optim, sharding, visualize
 from maskformer_jax.checkpoint import Checkpoints
 from maskformer_jax.data import pipeline
 from maskformer_jax.losses import maskformer_loss
-from maskformer_jax.models import build_model, init_variables
+from maskformer_jax.models import build_model, compiler_options, init_variables
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -170,9 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start_step = int(state.step)
 
   train_step = jax.jit(make_train_step(model, tx, config), in_shardings=(state_sharding, batch_sharding),
-                       out_shardings=(state_sharding, replicated), donate_argnums=0)
+                       out_shardings=(state_sharding, replicated), donate_argnums=0,
+                       compiler_options=compiler_options())
   eval_step = jax.jit(make_eval_step(model, config), in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=replicated)
+                      out_shardings=replicated, compiler_options=compiler_options())
   data_dir = config.data.data_dir or None  # '' in the config: TFDS's default directory
   validation_loss = functools.partial(evaluate_loss, eval_step, config=config, batch_sharding=batch_sharding,
                                       batch_size=local_batch_size, data_dir=data_dir)

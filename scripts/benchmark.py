@@ -109,7 +109,7 @@ from maskformer_jax.convert.hf import load_hf_checkpoint
 from maskformer_jax.data import pipeline
 from maskformer_jax.losses import maskformer_loss
 from maskformer_jax.matching import match_queries
-from maskformer_jax.models import SIZE_DIVISIBILITY, build_model
+from maskformer_jax.models import SIZE_DIVISIBILITY, build_model, compiler_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # for `configs` and `hf_reference`
@@ -154,7 +154,7 @@ def forward_rows(args) -> list[dict]:
     images = np.random.default_rng(0).standard_normal((args.batch, args.size, args.size, 3), dtype=np.float32)
     pixel_values = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def forward(variables, images):
       out = model.apply(variables, images, aux_outputs=False)  # inference: final layer only
       return out["pred_logits"], out["pred_masks"]
@@ -460,7 +460,7 @@ def train_step_rows(args) -> list[dict]:
 
   model = build_model(config.model)
   state, tx = train.create_train_state(config, model)
-  step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0)
+  step = jax.jit(train.make_train_step(model, tx, config), donate_argnums=0, compiler_options=compiler_options())
   device_batch = jax.device_put(batch)
   start = time.perf_counter()
   compiled = step.lower(state, device_batch).compile()

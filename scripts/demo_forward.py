@@ -21,7 +21,7 @@ from absl import flags  # noqa: E402
 from maskformer_jax import cli  # noqa: E402
 from maskformer_jax.checkpoint import load_model  # noqa: E402
 from maskformer_jax.inference import prepare_image  # noqa: E402
-from maskformer_jax.models import build_model, init_variables  # noqa: E402
+from maskformer_jax.models import build_model, compiler_options, init_variables  # noqa: E402
 
 _CONFIG = cli.define_config("configs/ade20k_r50.py", "Config file (used without --checkpoint).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model directory written by scripts/convert_checkpoint.py.")
@@ -37,7 +37,7 @@ def main(argv):
   model = build_model(model_config)
   photo = skimage.data.coffee()  # 400x600: a real, non-square photo
   images, (h, w) = prepare_image(photo, short_side=512)
-  forward = jax.jit(lambda v, x: model.apply(v, x))
+  forward = jax.jit(lambda v, x: model.apply(v, x), compiler_options=compiler_options())
   start = time.perf_counter()
   outputs = jax.block_until_ready(forward(variables, images))
   first = time.perf_counter() - start

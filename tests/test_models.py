@@ -1,5 +1,6 @@
 """The Flax model against transformers' PyTorch MaskFormer (random weights, built offline), and its contract."""
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from safetensors.numpy import save_file
 from configs import ade20k_r50, ade20k_swin_tiny, coco_panoptic_r50
 from hf_reference import hf_outputs, make_hf_model
 from maskformer_jax.convert import load_hf_checkpoint
-from maskformer_jax.models import abstract_variables, build_model, init_variables, normalize_images
+from maskformer_jax.models import abstract_variables, build_model, compiler_options, init_variables, normalize_images
 from maskformer_jax.models import layers
 from maskformer_jax.models.layers import sine_position_encoding
 
@@ -200,23 +201,36 @@ def test_every_paper_config_builds_with_the_papers_parameter_count(name):
   assert round(sum(x.size for x in jax.tree.leaves(params)) / 1e6) == PAPER_PARAMS_M[name]
 
 
-def test_large_conv_gradient_by_taps_equals_xla():
-  """Large stride-1 convs take the per-tap kernel gradient on CPU; value and both gradients equal XLA's conv."""
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_and_gradients_equal_torch(stride):
+  """1x1 convolutions run as matmuls with their own kernel gradient; value and both gradients equal torch's."""
   rng = np.random.default_rng(0)
-  # Two images and a non-square map: a tap must never pair pixels across rows or images.
-  x = jnp.asarray(rng.standard_normal((2, 96, 112, 200)), jnp.float32)
-  kernel = jnp.asarray(rng.standard_normal((3, 3, 200, 16)) * 0.05, jnp.float32)
-  probe = jnp.asarray(rng.standard_normal((2, 96, 112, 16)), jnp.float32)
-  assert x.size >= layers.TAP_GRADIENT_MIN_ELEMENTS
-  ours = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers.conv2d(x, k), probe), (0, 1)))(x, kernel)
-  plain = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers._xla_conv(x, k, 1, "NHWC"), probe), (0, 1)))(
+  x = rng.standard_normal((2, 12, 10, 24)).astype(np.float32)
+  kernel = (rng.standard_normal((1, 1, 24, 40)) * 0.2).astype(np.float32)
+  probe = rng.standard_normal((2, 12 // stride, 10 // stride, 40)).astype(np.float32)
+  value, grads = jax.jit(jax.value_and_grad(lambda x, k: jnp.vdot(layers.conv2d(x, k, stride), probe), (0, 1)))(
       x, kernel)
-  np.testing.assert_allclose(ours[0], plain[0], rtol=1e-6)
-  for got, want in zip(ours[1], plain[1]):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
-  # The tap path really is the one taken: its kernel gradient is nine matmuls, one per tap.
-  text = jax.jit(jax.grad(lambda k: jnp.vdot(layers.conv2d(x, k), probe))).lower(kernel).as_text()
-  assert text.count("dot_general") >= 9  # (and the vdot)
+  tx = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+  tk = torch.tensor(kernel.transpose(3, 2, 0, 1), requires_grad=True)
+  expected = (torch.nn.functional.conv2d(tx, tk, stride=stride) * torch.from_numpy(probe.transpose(0, 3, 1, 2))).sum()
+  expected.backward()
+  np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
+  np.testing.assert_allclose(grads[0], tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[1], tk.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
+
+
+def test_compiler_options_keep_convolutions_out_of_ynnpack():
+  """`compiler_options()` moves CPU convolutions from YNNPACK (XLA's default) to XLA's own kernels."""
+  x, kernel = jnp.ones((1, 16, 16, 32)), jnp.ones((3, 3, 32, 32))
+
+  def convolutions_in_ynnpack(options) -> int:
+    text = jax.jit(layers.conv2d, compiler_options=options).lower(x, kernel).compile().as_text()
+    called = re.findall(r"calls=%([\w.-]+).*__ynn_fusion", text)  # computations that YNNPACK runs
+    bodies = {m[0]: m[1] for m in re.findall(r"\n%([\w.-]+) \(.*?\{\n(.*?)\n\}", text, re.S)}
+    return sum(bodies[name].count(" convolution(") for name in called)
+
+  assert convolutions_in_ynnpack(None) == 1  # the default this option exists for
+  assert convolutions_in_ynnpack(compiler_options()) == 0
 
 
 @pytest.mark.parametrize("size", [(11, 19), (11, 7), (5, 19), (5, 7), (3, 4)], ids=["both", "rows", "cols", "none",
@@ -227,3 +241,19 @@ def test_resize_bilinear_equals_torch(size):
   expected = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear",
                                              align_corners=False).numpy()
   np.testing.assert_allclose(layers.resize_bilinear(jnp.asarray(x), size), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("shape, size", [((5, 7), (20, 28)), ((1, 3), (4, 12)), ((2, 7), (6, 7)), ((5, 7), (11, 19))],
+                         ids=["x4", "one-row", "x3-rows-only", "fractional"])
+def test_resize_bilinear_value_and_gradient_equal_torch(shape, size):
+  """Whole-factor row upsampling (blended rows, written-out transpose) and the matrix path both match PyTorch's
+  bilinear interpolation and its gradient, edge rows included."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 3, *shape)).astype(np.float32)
+  cotangent = rng.standard_normal((2, 3, *size)).astype(np.float32)
+  value, vjp = jax.vjp(lambda x: layers.resize_bilinear(x, size), jnp.asarray(x))
+  tx = torch.tensor(x, requires_grad=True)
+  expected = torch.nn.functional.interpolate(tx, size=size, mode="bilinear", align_corners=False)
+  expected.backward(torch.from_numpy(cotangent))
+  np.testing.assert_allclose(value, expected.detach().numpy(), atol=2e-6)
+  np.testing.assert_allclose(vjp(jnp.asarray(cotangent))[0], tx.grad.numpy(), atol=1e-5)

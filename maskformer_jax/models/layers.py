@@ -3,6 +3,7 @@
 Feature maps are channels-last (`[B, H, W, C]`); per-query masks are `[..., H, W]`. Every norm uses PyTorch's epsilon (1e-5) because the reference
 weights were trained with it; Flax's own default (1e-6) would shift outputs measurably.
 """
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -60,12 +61,6 @@ def frozen_batch_norm(features: int, name: str) -> nn.Module:
   return FrozenBatchNorm(features, name=name)
 
 
-# XLA:CPU computes the kernel gradient of a large convolution several times slower than the same work as one matmul
-# per kernel tap (1.9 s against 0.56 s for 2x128x128x256 -> 256); below about this many input elements its own
-# kernel is the faster one.
-TAP_GRADIENT_MIN_ELEMENTS = 4 * 2**20
-
-
 def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, out_layout: str) -> jax.Array:
   pad = kernel.shape[0] // 2
   return jax.lax.conv_general_dilated(x, kernel, window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
@@ -73,37 +68,26 @@ def _xla_conv(x: jax.Array, kernel: jax.Array, stride: int, out_layout: str) -> 
 
 
 @jax.custom_vjp
-def _conv_with_tap_kernel_gradient(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 NHWC `_xla_conv` whose kernel gradient is a sum over `[B, H, W]` per kernel tap (one matmul each)."""
-  return _xla_conv(x, kernel, 1, "NHWC")
+def _pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 1x1 convolution as a matmul over channels: `[B, H, W, C_in]` x `[C_in, C_out]` -> `[B, H, W, C_out]`."""
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel)
 
 
-def _tap_forward(x, kernel):
-  return _xla_conv(x, kernel, 1, "NHWC"), (x, kernel)
+def _pointwise_conv_fwd(x, kernel):
+  return _pointwise_conv(x, kernel), (x, kernel)
 
 
-def _tap_backward(residuals, grad):
+def _pointwise_conv_bwd(residuals, grad):
   x, kernel = residuals
-  (grad_x,) = jax.vjp(lambda inputs: _xla_conv(inputs, kernel, 1, "NHWC"), x)[1](grad)
-  k, pad = kernel.shape[0], kernel.shape[0] // 2
-  # On the zero-padded input grid flattened over (batch, row, column), tap (i, j) pairs input position
-  # p + i * row + j with output position p (the output stored at its window's top-left corner, zeros elsewhere).
-  # So each tap's gradient is one plain [C_in, T] x [T, C_out] matmul: the input transposed once, against a
-  # row-shifted window of the output gradient (a contiguous slice).
-  row = x.shape[2] + 2 * pad
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  inputs_t = padded.reshape(-1, x.shape[-1]).T  # [C_in, T]
-  size = inputs_t.shape[1]
-  reach = (k - 1) * (row + 1)  # the largest tap offset
-  grad_grid = jnp.pad(grad, ((0, 0), (0, 2 * pad), (0, 2 * pad), (0, 0))).reshape(size, -1)
-  grad_grid = jnp.pad(grad_grid, ((reach, 0), (0, 0)))  # [reach + T, C_out]
-  grad_kernel = jnp.stack([
-      inputs_t @ jax.lax.slice_in_dim(grad_grid, reach - offset, reach - offset + size)
-      for offset in (i * row + j for i in range(k) for j in range(k))])
-  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+  # The kernel gradient contracts the pixels of the input and of the output gradient. Written input-first, XLA
+  # lays out the input (C_in channels) pixel-minor for the product; autodiff's own order transposes the output
+  # gradient instead, which is 4x larger in a bottleneck's expansion and is fused with the ReLU gradient into a
+  # strided copy (3x slower blocks on CPU).
+  grad_kernel = jnp.einsum("nc,nd->cd", x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1]))
+  return jnp.einsum("bhwd,cd->bhwc", grad, kernel), grad_kernel
 
 
-_conv_with_tap_kernel_gradient.defvjp(_tap_forward, _tap_backward)
+_pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, out_layout: str = "NHWC") -> jax.Array:
@@ -111,10 +95,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, out_layout: str = "
   `[B, H', W', C_out]` (or `[B, C_out, H', W']` with `out_layout="NCHW"`)."""
   if kernel.shape[:2] == (1, 1) and out_layout == "NHWC":
     # A 1x1 convolution is a matmul over channels; XLA:CPU runs it faster on its matmul path.
-    return jnp.einsum("bhwc,cd->bhwd", x[:, ::stride, ::stride], kernel[0, 0])
-  if (stride == 1 and out_layout == "NHWC" and x.size >= TAP_GRADIENT_MIN_ELEMENTS
-      and jax.default_backend() == "cpu"):
-    return _conv_with_tap_kernel_gradient(x, kernel)
+    return _pointwise_conv(x[:, ::stride, ::stride], kernel[0, 0])
   return _xla_conv(x, kernel, stride, out_layout)
 
 
@@ -209,20 +190,67 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   return weights
 
 
+def _row_weights(factor: int) -> np.ndarray:
+  """`[factor, 3]`: output row `factor * i + k` of a bilinear upsampling (align_corners=False) by a whole factor is
+  `w[k] . (row i - 1, row i, row i + 1)` of the input, with the edge rows repeated (PyTorch's clamping)."""
+  weights = np.zeros((factor, 3), np.float32)
+  for k in range(factor):
+    offset = (k + 0.5) / factor - 0.5  # source position relative to row i, in (-0.5, 0.5)
+    neighbour = 0 if offset < 0 else 2
+    weights[k, neighbour], weights[k, 1] = abs(offset), 1 - abs(offset)
+  return weights
+
+
+def _neighbour_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rows i - 1 and i + 1 of `[..., h, W]` for every i, the edge rows repeated."""
+  return (jnp.concatenate([x[..., :1, :], x[..., :-1, :]], axis=-2),
+          jnp.concatenate([x[..., 1:, :], x[..., -1:, :]], axis=-2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _upsample_rows(x: jax.Array, factor: int) -> jax.Array:
+  """Bilinear upsampling of axis -2 of `[..., h, W]` by a whole `factor`: two multiply-adds per output row instead of
+  an `[H, h]` matrix product. The transpose (for the loss's pixel gradients) is written out so that it too stays
+  one elementwise pass."""
+  above, below = _neighbour_rows(x)
+  rows = [sum(w * r for w, r in zip(weights, (above, x, below)) if w) for weights in _row_weights(factor)]
+  return jnp.stack(rows, axis=-2).reshape(*x.shape[:-2], x.shape[-2] * factor, x.shape[-1])
+
+
+def _upsample_rows_fwd(x, factor):
+  return _upsample_rows(x, factor), None
+
+
+def _upsample_rows_bwd(factor, _, grad):
+  grad = grad.reshape(*grad.shape[:-2], -1, factor, grad.shape[-1])  # [..., h, factor, W]
+  weights = _row_weights(factor)
+  to_above, to_self, to_below = (sum(w * grad[..., k, :] for k, w in enumerate(weights[:, j]) if w) for j in range(3))
+  # Row i receives to_self[i], to_above[i + 1] and to_below[i - 1]; the repeated edge rows send their share back to
+  # the first and last row.
+  h = grad.shape[-3]
+  row = jnp.arange(h)[:, None]
+  zero = jnp.zeros_like(to_self[..., :1, :])
+  from_below = jnp.concatenate([to_above[..., 1:, :], zero], axis=-2) + jnp.where(row == 0, to_above[..., :1, :], 0)
+  from_above = jnp.concatenate([zero, to_below[..., :-1, :]], axis=-2) + jnp.where(row == h - 1, to_below[..., -1:, :], 0)
+  return (to_self + from_below + from_above,)
+
+
+_upsample_rows.defvjp(_upsample_rows_fwd, _upsample_rows_bwd)
+
+
 def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Resizes masks `[..., h, w]` to `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`:
-  small matrix products over the resized axes (an axis that keeps its size is left alone), in full float32 on
-  every backend."""
-  rows, cols = x.shape[-2] != size[0], x.shape[-1] != size[1]
+  """Resizes masks `[..., h, w]` to `[..., H, W]` as PyTorch's `interpolate(mode="bilinear", align_corners=False)`,
+  in full float32 on every backend: a small matrix product over each resized axis (an axis that keeps its size is
+  left alone), except that rows upsampled by a whole factor (the stride-4 masks to the input size) are blended from
+  their neighbours directly, after the columns, which keeps the full-size work elementwise."""
   precision = jax.lax.Precision.HIGHEST
-  if rows and cols:
-    return jnp.einsum("Hh,...hw,Ww->...HW", bilinear_matrix(x.shape[-2], size[0]), x,
-                      bilinear_matrix(x.shape[-1], size[1]), precision=precision)
-  if rows:
-    return jnp.einsum("Hh,...hw->...Hw", bilinear_matrix(x.shape[-2], size[0]), x, precision=precision)
-  if cols:
-    return jnp.einsum("...hw,Ww->...hW", x, bilinear_matrix(x.shape[-1], size[1]), precision=precision)
-  return x
+  if x.shape[-1] != size[1]:
+    x = jnp.einsum("...hw,Ww->...hW", x, bilinear_matrix(x.shape[-1], size[1]), precision=precision)
+  if x.shape[-2] == size[0]:
+    return x
+  if size[0] % x.shape[-2] == 0:
+    return _upsample_rows(x, size[0] // x.shape[-2])
+  return jnp.einsum("Hh,...hW->...HW", bilinear_matrix(x.shape[-2], size[0]), x, precision=precision)
 
 
 def sine_position_encoding(height: int, width: int, num_pos_feats: int, temperature: float = 10000.0

@@ -54,9 +54,11 @@ class MaskFormer(nn.Module):
               "aux_outputs": []}
     features = pixel_embeddings.features()  # [B, H/4, W/4, D]
     batch, height, width, dim = features.shape
-    # Pixels minor on both sides of the product, so the [L, B, Q, H/4 * W/4] logits (the largest tensor of the loss)
-    # come out in the layout every consumer reads, instead of being transposed in the forward and backward passes.
+    # Batch major and pixels minor on both sides of the product, so the [B, L, Q, H/4 * W/4] logits (the largest
+    # tensor of the loss, which stacks the layers on axis 1 again) come out in the layout every consumer reads
+    # instead of being transposed in the forward and backward passes.
     pixels_minor = features.reshape(batch, height * width, dim).swapaxes(1, 2)  # [B, D, H/4 * W/4]
-    pred_masks = jnp.einsum("lbqd,bdp->lbqp", mask_embed, pixels_minor).reshape(*mask_embed.shape[:3], height, width)
-    aux = [{"pred_logits": pred_logits[i], "pred_masks": pred_masks[i]} for i in range(len(pred_logits) - 1)]
-    return {"pred_logits": pred_logits[-1], "pred_masks": pred_masks[-1], "aux_outputs": aux}
+    pred_masks = jnp.einsum("lbqd,bdp->blqp", mask_embed, pixels_minor).reshape(
+        batch, *mask_embed.shape[::2], height, width)  # [B, L, Q, H/4, W/4]
+    aux = [{"pred_logits": pred_logits[i], "pred_masks": pred_masks[:, i]} for i in range(len(pred_logits) - 1)]
+    return {"pred_logits": pred_logits[-1], "pred_masks": pred_masks[:, -1], "aux_outputs": aux}
