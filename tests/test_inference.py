@@ -379,7 +379,7 @@ def test_predict_tiny_model():
     # The raw outputs from the jitted forward `predict` used (the model itself is tested elsewhere); a second
     # compilation or an eager run would cost more than the rest of this file.
     images, image_size = prepare_image(image, 32, 64)
-    class_logits, mask_logits = jax.device_get(inference._forward(model, variables, jnp.asarray(images)))
+    class_logits, mask_logits = jax.device_get(inference._jitted_apply()(model, variables, jnp.asarray(images)))
     _, logits = torch_postprocess(mask_logits, images.shape[1:3], image_size, shape)
     # This random model predicts almost the same class for every query, so the semantic check here is loose; the
     # stand-in model below checks the semantic paths on varied outputs.
@@ -388,7 +388,7 @@ def test_predict_tiny_model():
     ref_panoptic, ref_segments = reference_panoptic(class_logits, logits, is_thing, 0.2, 0.5)
     np.testing.assert_array_equal(result["panoptic"], ref_panoptic)
     assert result["segments"] == ref_segments and ref_segments
-  assert inference._forward._cache_size() == 1  # one compilation for both images
+  assert inference._jitted_apply()._cache_size() == 1  # one compilation for both images
 
 
 class StandInModel(nn.Module):
