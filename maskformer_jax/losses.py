@@ -115,18 +115,21 @@ def _chunked_mask_losses(pred_masks, query_index, masks, valid, grad_weights, fo
   return jax.lax.while_loop(lambda s: s["chunk"] < num_chunks, body, state)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _weighted_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
-  state = _chunked_mask_losses(pred_masks, query_index, masks, valid, None, focal_alpha, focal_gamma)
+def _weighted(state: dict, grad_weights: tuple[float, float]) -> tuple:
+  """`(weighted, (focal, dice))` from the loop's state."""
   focal_weight, dice_weight = grad_weights
   return focal_weight * state["focal"] + dice_weight * state["dice"], (state["focal"], state["dice"])
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _weighted_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
+  state = _chunked_mask_losses(pred_masks, query_index, masks, valid, None, focal_alpha, focal_gamma)
+  return _weighted(state, grad_weights)
+
+
 def _weighted_mask_losses_fwd(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma):
   state = _chunked_mask_losses(pred_masks, query_index, masks, valid, grad_weights, focal_alpha, focal_gamma)
-  focal_weight, dice_weight = grad_weights
-  out = focal_weight * state["focal"] + dice_weight * state["dice"], (state["focal"], state["dice"])
-  return out, (state["grad"], pred_masks.shape[2], query_index, masks, valid)
+  return _weighted(state, grad_weights), (state["grad"], pred_masks.shape[2], query_index, masks, valid)
 
 
 def _weighted_mask_losses_bwd(grad_weights, focal_alpha, focal_gamma, residuals, cotangents):

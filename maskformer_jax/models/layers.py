@@ -231,7 +231,8 @@ def _upsample_rows_bwd(factor, _, grad):
   row = jnp.arange(h)[:, None]
   zero = jnp.zeros_like(to_self[..., :1, :])
   from_below = jnp.concatenate([to_above[..., 1:, :], zero], axis=-2) + jnp.where(row == 0, to_above[..., :1, :], 0)
-  from_above = jnp.concatenate([zero, to_below[..., :-1, :]], axis=-2) + jnp.where(row == h - 1, to_below[..., -1:, :], 0)
+  from_above = (jnp.concatenate([zero, to_below[..., :-1, :]], axis=-2)
+                + jnp.where(row == h - 1, to_below[..., -1:, :], 0))
   return (to_self + from_below + from_above,)
 
 
