@@ -68,8 +68,10 @@ def loss_config() -> ConfigDict:
       match_class_weight=ml_collections.FieldReference(None, field_type=float),  # None: class_weight (MaskFormer)
       focal_alpha=0.25,
       focal_gamma=2.0,
-      # Where the Hungarian matching runs: 'host' (scipy through a callback, as MaskFormer; best on CPU and GPU)
-      # or 'device' (the exact in-graph solver; best on TPU, where a host round trip is costly).
+      # Where the Hungarian matching runs: 'host' (scipy through a callback, as MaskFormer; best on CPU and GPU
+      # for full-size steps) or 'device' (the exact in-graph solver; best on TPU, where a host round trip is
+      # costly, and for steps short enough that dispatch matters: a callback makes XLA:CPU run the step
+      # synchronously, so Python's ~10 ms of dispatch per step no longer overlaps the previous step).
       matcher='host',
   ))
 
@@ -291,4 +293,5 @@ def shapes_config() -> ConfigDict:
           aug=tta_config(tta_short_sides(64), max_size=448)),
   )
   config.test.num_pictures = 4
+  config.loss.matcher = 'device'  # 8% faster steps here than 'host' (see loss_config)
   return config

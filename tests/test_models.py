@@ -2,6 +2,7 @@
 import importlib
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -217,6 +218,31 @@ def test_pointwise_conv_and_gradients_equal_torch(stride):
   np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
   np.testing.assert_allclose(grads[0], tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(grads[1], tk.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-5, atol=1e-4)
+
+
+def test_dense_and_gradients_equal_torch():
+  """`layers.Dense` (Swin's and the decoder's linear layers, through `matmul`'s own gradient) has flax's
+  parameters, and its value and gradients equal torch's `linear`."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((3, 7, 24)).astype(np.float32)
+  probe = rng.standard_normal((3, 7, 40)).astype(np.float32)
+  dense = layers.Dense(40)
+  params = dense.init(jax.random.key(0), x)["params"]
+  params = dict(params, bias=rng.standard_normal(40).astype(np.float32))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, nn.Dense(40).init(jax.random.key(0), x)["params"])
+  value, grads = jax.jit(jax.value_and_grad(lambda p, x: jnp.vdot(dense.apply({"params": p}, x), probe), (0, 1)))(
+      params, x)
+  tx = torch.tensor(x, requires_grad=True)
+  tw = torch.tensor(np.asarray(params["kernel"]).T.copy(), requires_grad=True)
+  tb = torch.tensor(np.asarray(params["bias"]), requires_grad=True)
+  expected = (torch.nn.functional.linear(tx, tw, tb) * torch.from_numpy(probe)).sum()
+  expected.backward()
+  np.testing.assert_allclose(value, expected.item(), rtol=1e-5)
+  np.testing.assert_allclose(grads[1], tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grads[0]["kernel"], tw.grad.numpy().T, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(grads[0]["bias"], tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="default contraction"):
+    layers.Dense(40, precision=jax.lax.Precision.HIGHEST).init(jax.random.key(0), x)
 
 
 def test_compiler_options_keep_convolutions_out_of_ynnpack():

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskformer_jax.models.layers import DropPath, layer_norm, pad_to_multiple
+from maskformer_jax.models.layers import Dense, DropPath, layer_norm, pad_to_multiple
 
 # The reference masks cross-region attention with -100 rather than -inf; keep it for identical softmax outputs.
 _MASK_VALUE = -100.0
@@ -71,7 +71,7 @@ class WindowAttention(nn.Module):
     batch_windows, n, c = x.shape
     head_dim = c // self.num_heads
     # Heads before tokens ([3, b, h, n, d]): XLA:CPU lays out "bnhd" batched matmuls several times slower.
-    qkv = nn.Dense(3 * c, name="qkv")(x).reshape(batch_windows, n, 3, self.num_heads, head_dim)
+    qkv = Dense(3 * c, name="qkv")(x).reshape(batch_windows, n, 3, self.num_heads, head_dim)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
     logits = jnp.einsum("bhnd,bhmd->bhnm", q * head_dim ** -0.5, k)
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
@@ -84,7 +84,7 @@ class WindowAttention(nn.Module):
       logits = logits.reshape(batch_windows, self.num_heads, n, n)
     attn = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhnm,bhmd->bhnd", attn, v).transpose(0, 2, 1, 3).reshape(batch_windows, n, c)
-    return nn.Dense(c, name="proj")(out)
+    return Dense(c, name="proj")(out)
 
 
 class SwinMlp(nn.Module):
@@ -95,8 +95,8 @@ class SwinMlp(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.gelu(nn.Dense(self.hidden_dim, name="fc1")(x), approximate=False)
-    return nn.Dense(self.out_dim, name="fc2")(x)
+    x = nn.gelu(Dense(self.hidden_dim, name="fc1")(x), approximate=False)
+    return Dense(self.out_dim, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -139,7 +139,7 @@ class PatchMerging(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = pad_to_multiple(x, 2)
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-    return nn.Dense(2 * self.dim, use_bias=False, name="reduction")(layer_norm("norm")(x))
+    return Dense(2 * self.dim, use_bias=False, name="reduction")(layer_norm("norm")(x))
 
 
 class SwinStage(nn.Module):

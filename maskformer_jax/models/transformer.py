@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskformer_jax.models.layers import Conv2d, layer_norm, sine_position_encoding
+from maskformer_jax.models.layers import Conv2d, Dense, layer_norm, matmul, sine_position_encoding
 
 
 class MultiHeadAttention(nn.Module):
@@ -30,7 +30,7 @@ class MultiHeadAttention(nn.Module):
     bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
 
     def project(x: jax.Array, i: int) -> jax.Array:
-      y = x @ kernel[:, i * e:(i + 1) * e] + bias[i * e:(i + 1) * e]
+      y = matmul(x, kernel[:, i * e:(i + 1) * e]) + bias[i * e:(i + 1) * e]
       # [B, L, E] -> [B, heads, L, head_dim]: heads-first batched matmuls are much faster on XLA:CPU.
       return y.reshape(*x.shape[:-1], h, e // h).swapaxes(-2, -3)
 
@@ -39,7 +39,7 @@ class MultiHeadAttention(nn.Module):
     attn = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
     attn = nn.Dropout(self.dropout)(attn, deterministic=not train)
     out = jnp.einsum("bhqk,bhkd->bhqd", attn, v).swapaxes(-2, -3).reshape(*query.shape[:-1], e)
-    return nn.Dense(e, name="out_proj")(out)
+    return Dense(e, name="out_proj")(out)
 
 
 class _PostNormLayer(nn.Module):
@@ -55,8 +55,8 @@ class _PostNormLayer(nn.Module):
     return layer_norm(norm)(x + nn.Dropout(self.dropout)(y, deterministic=not train))
 
   def feedforward_block(self, x, norm: str, train: bool) -> jax.Array:
-    y = nn.relu(nn.Dense(self.dim_feedforward, name="linear1")(x))
-    y = nn.Dense(self.d_model, name="linear2")(nn.Dropout(self.dropout)(y, deterministic=not train))
+    y = nn.relu(Dense(self.dim_feedforward, name="linear1")(x))
+    y = Dense(self.d_model, name="linear2")(nn.Dropout(self.dropout)(y, deterministic=not train))
     return layer_norm(norm)(x + nn.Dropout(self.dropout)(y, deterministic=not train))
 
 
@@ -130,7 +130,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     for i, f in enumerate(self.features):
-      x = nn.Dense(f, name=f"layers_{i}")(x)
+      x = Dense(f, name=f"layers_{i}")(x)
       if i < len(self.features) - 1:
         x = nn.relu(x)
     return x
@@ -169,6 +169,6 @@ class TransformerPredictor(nn.Module):
     tgt = jnp.zeros_like(query_pos)  # DETR: content queries start at zero, the learned part is positional.
     hs = TransformerDecoder(self.num_layers, self.hidden_dim, self.num_heads, self.dim_feedforward, self.dropout,
                             name="decoder")(tgt, memory, query_pos, pos, train)
-    pred_logits = nn.Dense(self.num_classes + 1, name="class_embed")(hs)
+    pred_logits = Dense(self.num_classes + 1, name="class_embed")(hs)
     mask_embed = MLP((self.hidden_dim, self.hidden_dim, self.mask_dim), name="mask_embed")(hs)
     return pred_logits, mask_embed
