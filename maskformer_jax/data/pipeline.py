@@ -306,7 +306,9 @@ def read_split(data: ml_collections.ConfigDict, split: str, *, shuffle: bool, pr
   if num_examples < process_count:
     raise ValueError(f"Split {split!r} of {data.dataset} has {num_examples} examples, fewer than the "
                      f"{process_count} processes that read it.")
-  read_config = tfds.ReadConfig(shuffle_seed=data.seed if shuffle else None, options=_options())
+  # No TFDS autocache: every pass builds a new dataset, so the cache never serves a second pass, and a pass read
+  # only in part (the pictures) would end with TF's warning that the partial cache was discarded.
+  read_config = tfds.ReadConfig(shuffle_seed=data.seed if shuffle else None, options=_options(), try_autocache=False)
   examples = builder.as_dataset(split=tfds.even_splits(split, process_count)[process_index], shuffle_files=shuffle,
                                 decoders=_skip_decoding(), read_config=read_config)
   return examples, -(-num_examples // process_count)
