@@ -267,16 +267,16 @@ def coco_panoptic_config(backbone: ConfigDict, pixel_decoder: ConfigDict, in_fea
 
 def shapes_config() -> ConfigDict:
   """The built-in procedural panoptic dataset (`maskformer_shapes`, 64x64 images) with a model small enough to
-  learn it in about eleven minutes on two CPU cores: a 4-stage Swin of width 32, a 64-channel FPN and a 3-layer
+  learn it in about ten minutes on two CPU cores: a 4-stage Swin of width 32, a 64-channel FPN and a 3-layer
   decoder with 20 queries. The architecture is MaskFormer's; only the sizes are scaled down."""
   num_classes = ml_collections.FieldReference(8)
   backbone = ConfigDict(dict(name='swin', embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=4,
                              mlp_ratio=4.0, drop_path_rate=0.0, patch_size=4, pretrain_img_size=64))
   pixel_decoder = fpn_pixel_decoder(conv_dim=64, mask_dim=64)
   pixel_decoder.num_groups = 8
-  solver = solver_config(backbone, batch_size=16, max_steps=4000, lr_schedule='poly', eval_every=1000)
+  solver = solver_config(backbone, batch_size=16, max_steps=2500, lr_schedule='poly', eval_every=500)
   # From scratch and short: a higher LR and a short warmup instead of Swin's 1500 steps from 1e-6.
-  solver.update(dict(base_lr=5e-4, warmup_steps=50, warmup_factor=0.01, checkpoint_every=100, log_every=10))
+  solver.update(dict(base_lr=5e-4, warmup_steps=50, warmup_factor=0.01, checkpoint_every=500, log_every=10))
   config = full_config(
       model=model_config(num_classes, backbone, pixel_decoder, num_queries=20, hidden_dim=64, num_heads=4,
                          dim_feedforward=128, dropout=0.0, num_layers=3),
